@@ -1,0 +1,49 @@
+# rexport: `make install engine MODEL=resnet18` sets up and runs the main job; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.13.0's CPU wheel is on this workplace's disk; elsewhere pip takes the build that fits.
+TORCH ?= torch==2.13.0
+MODEL ?= resnet18
+OUT ?= artifacts/$(MODEL)
+WEIGHTS ?=
+CALIB ?= synthetic
+VAL ?=
+PRECISIONS ?= fp32,fp16,int8
+BACKEND ?= auto
+ARGS ?=
+
+.PHONY: install engine demo test test-slow test-gpu bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+engine: install
+	$(BIN)/rexport run --model $(MODEL) --out $(OUT) --calib-data $(CALIB) --precisions $(PRECISIONS) \
+	  --backend $(BACKEND) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(VAL),--val-data $(VAL)) $(ARGS)
+
+demo: install
+	$(BIN)/python -m rexport.pipeline.demo --out artifacts/demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+test-gpu: install
+	$(BIN)/python -m pytest -q -m gpu -rs
+
+bench: install
+	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf artifacts build dist *.egg-info benchmarks/results/*.tmp

@@ -1,0 +1,266 @@
+"""Which Q/DQ placement makes OpenVINO (the CPU engine) fastest on our INT8 ONNX?
+
+Builds random-weight ResNets at 224 (BatchNorm statistics filled from a few random batches so the folded
+model has realistic biases and activation ranges), calibrates min-max ranges with ONNX Runtime, writes
+our INT8 Q/DQ file in several placements with ``insert_qdq``, quantizes the same model with NNCF (the
+anchor: OpenVINO's own INT8), and times everything with OpenVINO on the CPU next to ORT/OpenVINO FP32.
+
+    .venv/bin/python benchmarks/bench_int8_placement.py            # resnet18+resnet50, batch 1 and 8
+    .venv/bin/python benchmarks/bench_int8_placement.py --models resnet18 --seconds 2
+
+Latency mode: one synchronous infer request, PERFORMANCE_HINT=LATENCY (all cores on one request),
+static input shape per batch size, warm-up then ``--seconds`` of back-to-back runs; img/s = batch /
+median latency. FP32 rows use INFERENCE_PRECISION_HINT=f32; the INT8 rows keep OpenVINO's default for the
+layers left in float (bf16 on CPUs with AVX512-BF16), the same for ours and NNCF's.
+Needs nncf (dev extra). Run nothing else meanwhile: the numbers are only as quiet as the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from rexport.core.fsio import atomic_write_json
+from rexport.core.preprocess import METADATA_KEY
+from rexport.pipeline.precision import QdqSettings, insert_qdq, tensors_to_calibrate
+
+RESULTS = Path(__file__).resolve().parent / "results" / "int8_placement.json"
+SIZE = 224
+
+#: our placements; "ours" is the default QdqSettings() that the pipeline ships
+VARIANTS: dict[str, QdqSettings] = {
+    "ours": QdqSettings(),
+    "ours-int8w": QdqSettings(int8_weights=True),
+    "ours-add-both": QdqSettings(residual_add="both"),
+    "ours-add-none": QdqSettings(residual_add="none"),
+    "ours-pool-in": QdqSettings(quantize_pool_inputs=True),
+    "ours-fc-float": QdqSettings(quantize_classifier=False),
+}
+
+
+def export_fp32(name: str, path: Path, seed: int = 0) -> None:
+    import torch
+
+    from rexport.models.resnet import MODELS
+
+    torch.manual_seed(seed)
+    model = MODELS[name](num_classes=1000)
+    # BN statistics from a few random batches: the folded Convs get realistic scales and biases
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, SIZE, SIZE))
+    model.eval()
+    x = torch.randn(1, 3, SIZE, SIZE)
+    torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=17, input_names=["input"],
+                      output_names=["logits"], dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}},
+                      external_data=False, verbose=False)
+    m = onnx.load(str(path))
+    entry = m.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps({"input_size": SIZE})
+    onnx.save(m, str(path))
+
+
+def calibration_batches(n: int = 4, batch: int = 8, seed: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32) for _ in range(n)]
+
+
+def minmax_ranges(fp32: Path, tensors: list[str], batches: list[np.ndarray]) -> dict[str, float]:
+    """amax of each tensor over the batches (ORT with the tensors added as graph outputs)."""
+    m = onnx.load(str(fp32))
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend([onnx.ValueInfoProto(name=t) for t in tensors if t not in have])
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    amax: dict[str, float] = {}
+    for x in batches:
+        feeds = {"input": x}
+        outs = dict(zip(names, sess.run(None, feeds)))
+        outs["input"] = x
+        for t in tensors:
+            amax[t] = max(amax.get(t, 0.0), float(np.abs(outs[t]).max()))
+    return amax
+
+
+def nncf_int8(fp32: Path, batches: list[np.ndarray]):
+    import nncf
+    import openvino as ov
+
+    model = ov.convert_model(str(fp32))
+    samples = [x[i:i + 1] for x in batches for i in range(x.shape[0])]
+    return nncf.quantize(model, nncf.Dataset(samples), preset=nncf.QuantizationPreset.PERFORMANCE,
+                         subset_size=len(samples))
+
+
+def time_openvino(model, batch: int, seconds: float, config: dict) -> dict:
+    import openvino as ov
+
+    core = ov.Core()
+    if isinstance(model, (str, Path)):
+        model = core.read_model(str(model))
+    else:
+        model = model.clone()
+    model.reshape({model.inputs[0].get_any_name(): [batch, 3, SIZE, SIZE]})
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+    x = np.random.default_rng(2).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
+    return _time(lambda: request.infer({0: x}), batch, seconds)
+
+
+def time_ort(path: Path, batch: int, seconds: float) -> dict:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(2).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
+    return _time(lambda: sess.run(None, {"input": x}), batch, seconds)
+
+
+def _time(fn, batch: int, seconds: float) -> dict:
+    for _ in range(3):
+        fn()
+    lat = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(lat) < 10:
+        t0 = time.perf_counter()
+        fn()
+        lat.append(time.perf_counter() - t0)
+    lat.sort()
+    median = statistics.median(lat)
+    return {"img_per_s": round(batch / median, 1), "median_ms": round(median * 1e3, 2),
+            "p90_ms": round(lat[int(0.9 * (len(lat) - 1))] * 1e3, 2), "runs": len(lat)}
+
+
+def openvino_logits(model, x: np.ndarray) -> np.ndarray:
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(model)) if isinstance(model, (str, Path)) else model.clone()
+    model.reshape({model.inputs[0].get_any_name(): list(x.shape)})
+    return core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})({0: x})[0]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return float(np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+def environment() -> dict:
+    import nncf
+    import openvino as ov
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "openvino": ov.__version__,
+            "onnxruntime": ort.__version__, "onnx": onnx.__version__, "nncf": nncf.__version__,
+            "ov_default_inference_precision": str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="resnet18,resnet50")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--seconds", type=float, default=3.0, help="timed seconds per configuration")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="which of our placements to time")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the ONNX files here (default: a temp dir)")
+    args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    variants = {k: VARIANTS[k] for k in args.variants.split(",") if k}
+
+    fp32_cfg = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    int8_cfg = {"PERFORMANCE_HINT": "LATENCY"}
+    rows: list[dict] = []
+    env = environment()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for name in args.models.split(","):
+            fp32 = work / f"{name}.fp32.onnx"
+            t0 = time.perf_counter()
+            export_fp32(name, fp32)
+            print(f"[{name}] exported in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            calib = calibration_batches()
+            needed = sorted({t for s in variants.values() for t in tensors_to_calibrate(fp32, s)})
+            ranges = minmax_ranges(fp32, needed, calib)
+            models: dict[str, object] = {}
+            reports: dict[str, dict] = {}
+            for vname, settings in variants.items():
+                rep = insert_qdq(fp32, ranges, work / f"{name}.{vname}.onnx", settings)
+                models[vname] = rep.path
+                reports[vname] = {"settings": asdict(settings), "qdq_pairs": rep.qdq_pairs,
+                                  "activation_qdq": len(rep.activation_amax), "size_bytes": rep.size_bytes}
+            t0 = time.perf_counter()
+            models["nncf"] = nncf_int8(fp32, calib)
+            print(f"[{name}] nncf.quantize in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+            x = np.random.default_rng(3).standard_normal((4, 3, SIZE, SIZE)).astype(np.float32)
+            ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            cos = {v: round(cosine(ref, openvino_logits(m, x)), 5) for v, m in models.items()}
+
+            for batch in batches:
+                configs = [("ort-fp32", lambda b=batch: time_ort(fp32, b, args.seconds)),
+                           ("ov-fp32", lambda b=batch: time_openvino(fp32, b, args.seconds, fp32_cfg))]
+                configs += [(f"ov-{v}", lambda m=m, b=batch: time_openvino(m, b, args.seconds, int8_cfg))
+                            for v, m in models.items()]
+                for label, run in configs:
+                    r = run()
+                    variant = label.removeprefix("ov-")
+                    row = {"model": name, "batch": batch, "config": label, **r}
+                    if variant in cos:
+                        row["cosine_vs_fp32"] = cos[variant]
+                    if variant in reports:
+                        row.update(reports[variant])
+                    rows.append(row)
+                    print(f"[{name} b{batch}] {label:18s} {r['img_per_s']:8.1f} img/s  "
+                          f"median {r['median_ms']:.2f} ms", file=sys.stderr)
+
+    for row in rows:
+        base = {(r["model"], r["batch"], r["config"]): r["img_per_s"] for r in rows}
+        row["x_ort_fp32"] = round(row["img_per_s"] / base[(row["model"], row["batch"], "ort-fp32")], 2)
+        nncf_speed = base.get((row["model"], row["batch"], "ov-nncf"))
+        if nncf_speed:
+            row["x_nncf"] = round(row["img_per_s"] / nncf_speed, 3)
+    result = {"what": "OpenVINO CPU speed of INT8 Q/DQ placements vs NNCF INT8 and FP32 (img/s = batch/median)",
+              "environment": env, "timing": {"mode": "latency: 1 sync request, PERFORMANCE_HINT=LATENCY, "
+                                             "static shape per batch", "seconds_per_config": args.seconds,
+                                             "fp32_config": fp32_cfg, "int8_config": int8_cfg},
+              "calibration": "min-max amax over 4 random-normal batches of 8 (ours and NNCF see the same 32 images)",
+              "rows": rows}
+    atomic_write_json(args.out, result)
+    print_table(rows)
+    print(f"\nwritten {args.out}")
+    return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    keys = list(dict.fromkeys((r["model"], r["batch"]) for r in rows))
+    cell = {(r["model"], r["batch"], r["config"]): r for r in rows}
+    print("\nimg/s (x ORT FP32) [cosine vs FP32]")
+    print(f"{'config':18s}" + "".join(f"{m + ' b' + str(b):>24s}" for m, b in keys))
+    for c in configs:
+        line = f"{c:18s}"
+        for m, b in keys:
+            r = cell.get((m, b, c))
+            if r is None:
+                line += f"{'-':>24s}"
+                continue
+            cos = f" [{r['cosine_vs_fp32']:.4f}]" if "cosine_vs_fp32" in r else ""
+            line += f"{r['img_per_s']:>8.1f} (x{r['x_ort_fp32']:.2f}){cos:>10s}"
+        print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

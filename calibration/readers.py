@@ -1,0 +1,424 @@
+"""Calibration data readers: one small ORT-style protocol, three sources.
+
+A reader yields ``{input_name: float32 NCHW batch}`` until it returns ``None``; it never holds
+more than one batch in memory. ``fingerprint()`` names the data exactly (file contents, array
+bytes or the synthetic seed), so a calibration computed from it can be cached and reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Iterator, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+from rexport.core.errors import InputError
+from rexport.core.preprocess import IMAGE_SUFFIXES, PreprocessSpec, list_images
+
+log = logging.getLogger(__name__)
+
+SOURCE_HINT = "pass an image folder, a .npy/.npz file or 'synthetic'"
+_READ_CHUNK = 1 << 20
+
+
+@runtime_checkable
+class CalibrationReader(Protocol):
+    """What calibration consumes: batches for one named model input, and a name for the data."""
+
+    input_name: str
+    description: str
+    synthetic: bool
+
+    def get_next(self) -> dict[str, np.ndarray] | None: ...
+
+    def rewind(self) -> None: ...
+
+    def fingerprint(self) -> str: ...
+
+    def __len__(self) -> int: ...
+
+
+def _check_counts(samples: int, batch_size: int) -> None:
+    if samples < 1:
+        raise InputError(f"calibration needs at least one sample, got {samples}", "pass --calib-samples >= 1")
+    if batch_size < 1:
+        raise InputError(f"calibration batch size must be >= 1, got {batch_size}", "pass --calib-batch >= 1")
+
+
+# -- synthetic ---------------------------------------------------------------------------
+
+
+class SyntheticReader:
+    """Seeded random batches shaped like a normalised image: batch ``i`` is drawn with seed ``seed + i``
+    (as Polygraphy's data loader does), standard normal clipped per channel to the values a [0, 1]
+    pixel can take after ``spec``'s mean/std. Good for testing the pipeline, not for accuracy."""
+
+    synthetic = True
+
+    def __init__(self, spec: PreprocessSpec, *, input_name: str = "input", samples: int = 512,
+                 batch_size: int = 8, seed: int = 0) -> None:
+        _check_counts(samples, batch_size)
+        self.input_name = input_name
+        self.shape = spec.input_shape
+        self.samples, self.batch_size, self.seed = samples, batch_size, seed
+        mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
+        self._lo = ((0.0 - mean) / std).reshape(1, 3, 1, 1).astype(np.float32)
+        self._hi = ((1.0 - mean) / std).reshape(1, 3, 1, 1).astype(np.float32)
+        self.description = (f"{samples} synthetic samples (seed {seed}, standard normal clipped to the "
+                            f"normalised pixel range)")
+        self._batch = 0
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def rewind(self) -> None:
+        self._batch = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        start = self._batch * self.batch_size
+        if start >= self.samples:
+            return None
+        n = min(self.batch_size, self.samples - start)
+        rng = np.random.default_rng(self.seed + self._batch)
+        x = rng.standard_normal((n, *self.shape), dtype=np.float32)
+        np.clip(x, self._lo, self._hi, out=x)
+        self._batch += 1
+        return {self.input_name: x}
+
+    def fingerprint(self) -> str:
+        lo = ",".join(f"{v:.6g}" for v in self._lo.ravel())
+        hi = ",".join(f"{v:.6g}" for v in self._hi.ravel())
+        ident = f"synthetic:{self.seed}:{self.samples}:{self.shape}:{self.batch_size}:{lo}:{hi}"
+        return hashlib.sha256(ident.encode()).hexdigest()
+
+
+# -- image folder ------------------------------------------------------------------------
+
+
+def _hash_and_check_image(path: Path) -> str | None:
+    """The file's sha256 if PIL can fully decode it, else None (one read of the file)."""
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return None
+    return hashlib.sha256(data).hexdigest()
+
+
+class ImageFolderReader:
+    """Images under a folder (recursively), preprocessed with ``spec`` one batch at a time.
+
+    Which images: all of them (sorted by path) when there are at most ``samples``; otherwise a
+    seeded random subset (numpy ``default_rng(seed)`` permutation), so an ImageNet-style
+    ``class/*.jpg`` folder is sampled across classes rather than only its first class. Every
+    chosen file is decoded once up front; unreadable ones are skipped (the next candidate takes
+    their place), counted and reported in one warning, so ``len()`` is exact before calibration.
+    """
+
+    synthetic = False
+
+    def __init__(self, root: str | os.PathLike, spec: PreprocessSpec, *, input_name: str = "input",
+                 samples: int = 512, batch_size: int = 8, seed: int = 0) -> None:
+        _check_counts(samples, batch_size)
+        self.root = Path(root)
+        self.spec, self.input_name, self.batch_size = spec, input_name, batch_size
+        if not self.root.is_dir():
+            raise InputError(f"calibration folder {self.root} does not exist", SOURCE_HINT)
+        candidates = list_images(self.root)
+        if not candidates:
+            raise InputError(f"no images in {self.root} (looked for {', '.join(IMAGE_SUFFIXES)})", SOURCE_HINT)
+        order: list[Path] = candidates
+        subset = len(candidates) > samples
+        if subset:
+            perm = np.random.default_rng(seed).permutation(len(candidates))
+            order = [candidates[i] for i in perm]
+        chosen: list[tuple[Path, str]] = []
+        self.unreadable: list[Path] = []
+        for path in order:
+            if len(chosen) == samples:
+                break
+            digest = _hash_and_check_image(path)
+            if digest is None:
+                self.unreadable.append(path)
+            else:
+                chosen.append((path, digest))
+        if not chosen:
+            raise InputError(f"no usable images in {self.root}: all {len(self.unreadable)} image files are unreadable",
+                             "check the files open in an image viewer, or " + SOURCE_HINT)
+        chosen.sort(key=lambda item: item[0])
+        self.files = [p for p, _ in chosen]
+        self._digests = [d for _, d in chosen]
+        if self.unreadable:
+            shown = ", ".join(str(p.relative_to(self.root)) for p in self.unreadable[:3])
+            more = f" and {len(self.unreadable) - 3} more" if len(self.unreadable) > 3 else ""
+            warnings.warn(f"skipped {len(self.unreadable)} unreadable image file(s) in {self.root}: {shown}{more}",
+                          UserWarning, stacklevel=3)
+        how = f"seeded subset (seed {seed}) of {len(candidates)}" if subset else "all"
+        skipped = f", {len(self.unreadable)} unreadable skipped" if self.unreadable else ""
+        self.description = f"{len(self.files)} images from {self.root} ({how}{skipped})"
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def rewind(self) -> None:
+        self._pos = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._pos >= len(self.files):
+            return None
+        batch_files = self.files[self._pos:self._pos + self.batch_size]
+        x = np.empty((len(batch_files), *self.spec.input_shape), np.float32)
+        for i, path in enumerate(batch_files):
+            try:
+                x[i] = self.spec.load_image(path)
+            except Exception as e:
+                raise InputError(f"calibration image {path} became unreadable during calibration "
+                                 f"({type(e).__name__})", "do not change the folder while calibrating") from None
+        self._pos += len(batch_files)
+        return {self.input_name: x}
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(b"images\n")
+        h.update(self.spec.to_json().encode())
+        for path, digest in zip(self.files, self._digests):
+            h.update(f"\n{path.relative_to(self.root).as_posix()}\0{digest}".encode())
+        return h.hexdigest()
+
+    def sample_fingerprints(self) -> set[str]:
+        """Content hashes of the images this reader uses (compare with ``image_fingerprints``)."""
+        return set(self._digests)
+
+
+# -- preprocessed arrays -----------------------------------------------------------------
+
+
+class _NpyStream:
+    """Sequential row reads from one .npy member of a .npz, without loading the whole array."""
+
+    def __init__(self, path: Path, member: str) -> None:
+        self.path, self.member = path, member
+        with zipfile.ZipFile(path) as zf, zf.open(member) as f:
+            self.shape, self.fortran, self.dtype = _read_npy_header(f)
+
+    def rows(self, count: int) -> Iterator[np.ndarray]:
+        """Yield the first ``count`` rows in chunks of at most 64 MiB."""
+        row_shape = self.shape[1:] if len(self.shape) == 4 else self.shape
+        row_bytes = int(np.prod(row_shape)) * self.dtype.itemsize
+        per_chunk = max(1, (64 << 20) // max(row_bytes, 1))
+        with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
+            _read_npy_header(f)
+            done = 0
+            while done < count:
+                n = min(per_chunk, count - done)
+                buf = f.read(n * row_bytes)
+                if len(buf) != n * row_bytes:
+                    raise InputError(f"{self.path}: array {self.member} is truncated", "re-save it with numpy.savez")
+                yield np.frombuffer(buf, self.dtype).reshape((n, *row_shape))
+                done += n
+
+
+def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
+class ArrayReader:
+    """Already-preprocessed float arrays, ``N x 3 x H x W`` (or one ``3 x H x W``), from a .npy file
+    (memory-mapped) or a .npz file (key ``x`` or its only array, streamed row by row). The first
+    ``samples`` rows are used."""
+
+    synthetic = False
+
+    def __init__(self, path: str | os.PathLike, spec: PreprocessSpec, *, input_name: str = "input",
+                 samples: int = 512, batch_size: int = 8) -> None:
+        _check_counts(samples, batch_size)
+        self.path = Path(path)
+        self.input_name, self.batch_size = input_name, batch_size
+        self._mmap: np.ndarray | None = None
+        self._stream: _NpyStream | None = None
+        try:
+            if self.path.suffix.lower() == ".npy":
+                self._mmap = np.load(self.path, mmap_mode="r", allow_pickle=False)
+                shape, dtype = self._mmap.shape, self._mmap.dtype
+                label = str(self.path)
+            else:
+                member = _npz_member(self.path)
+                self._stream = _NpyStream(self.path, member)
+                shape, dtype = self._stream.shape, self._stream.dtype
+                if self._stream.fortran:
+                    raise InputError(f"{self.path}: array {member[:-4]!r} is stored in Fortran order",
+                                     "re-save it with numpy.savez(path, x=numpy.ascontiguousarray(x))")
+                label = f"{self.path}[{member[:-4]}]"
+        except InputError:
+            raise
+        except Exception as e:  # zipfile.BadZipFile, ValueError (pickled / bad header), OSError
+            raise InputError(f"cannot read {self.path} as a numpy array ({type(e).__name__}: {e})", SOURCE_HINT) from None
+        expected = spec.input_shape
+        rows_shape = (1, *shape) if tuple(shape) == expected else tuple(shape)
+        if len(rows_shape) != 4 or tuple(rows_shape[1:]) != expected or rows_shape[0] < 1:
+            raise InputError(f"{label} has shape {tuple(shape)}, expected (N, {', '.join(map(str, expected))}) "
+                             f"or {expected} for this model's input",
+                             "save already-preprocessed NCHW float arrays at the model's input size")
+        if dtype.kind != "f":
+            raise InputError(f"{label} holds {dtype} values, expected already-preprocessed floats",
+                             "normalise the images first, or pass the image folder instead")
+        self.dtype = dtype
+        self.count = min(samples, int(shape[0]))
+        self.description = f"{self.count} preprocessed samples from {label}"
+        self._pos = 0
+        self._chunks: Iterator[np.ndarray] | None = None
+        self._pending: np.ndarray | None = None
+        self._fingerprint: str | None = None
+        self._row_hashes: list[str] | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def rewind(self) -> None:
+        self._pos, self._chunks, self._pending = 0, None, None
+
+    def _rows(self, start: int, n: int) -> np.ndarray:
+        if self._mmap is not None:
+            rows = self._mmap.reshape((-1, *self._mmap.shape[-3:]))[start:start + n]
+            return np.ascontiguousarray(rows, dtype=np.float32)
+        # .npz: sequential stream; the caller only ever asks for the next rows in order
+        assert self._stream is not None
+        if self._chunks is None:
+            self._chunks = self._stream.rows(self.count)
+        parts, have = [], 0
+        while have < n:
+            if self._pending is None or len(self._pending) == 0:
+                self._pending = next(self._chunks)
+            take = self._pending[: n - have]
+            self._pending = self._pending[len(take):]
+            parts.append(take)
+            have += len(take)
+        return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._pos >= self.count:
+            return None
+        n = min(self.batch_size, self.count - self._pos)
+        x = self._rows(self._pos, n)
+        if not np.isfinite(x).all():
+            bad = self._pos + int(np.flatnonzero(~np.isfinite(x).reshape(n, -1).all(axis=1))[0])
+            raise InputError(f"{self.path}: sample {bad} contains NaN or infinite values",
+                             "calibration data must be finite")
+        self._pos += n
+        return {self.input_name: x}
+
+    def _hash_rows(self) -> None:
+        whole = hashlib.sha256(b"arrays\n")
+        rows: list[str] = []
+        saved = (self._pos, self._chunks, self._pending)
+        self.rewind()
+        try:
+            pos = 0
+            while pos < self.count:
+                n = min(64, self.count - pos)
+                x = self._rows(pos, n)
+                for row in x:
+                    digest = hashlib.sha256(row.tobytes()).hexdigest()
+                    rows.append(digest)
+                    whole.update(digest.encode())
+                pos += n
+        finally:
+            self._pos, self._chunks, self._pending = saved
+        whole.update(f"\n{(self.count, *self._shape_tail())}".encode())
+        self._fingerprint, self._row_hashes = whole.hexdigest(), rows
+
+    def _shape_tail(self) -> tuple[int, ...]:
+        src = self._mmap.shape if self._mmap is not None else self._stream.shape  # type: ignore[union-attr]
+        return tuple(src[-3:])
+
+    def fingerprint(self) -> str:
+        """sha256 over the float32 bytes of the rows used (computed once, streaming)."""
+        if self._fingerprint is None:
+            self._hash_rows()
+        return self._fingerprint  # type: ignore[return-value]
+
+    def sample_fingerprints(self) -> set[str]:
+        """sha256 of each row used, as float32 bytes."""
+        if self._row_hashes is None:
+            self._hash_rows()
+        return set(self._row_hashes or [])
+
+
+def _npz_member(path: Path) -> str:
+    with zipfile.ZipFile(path) as zf:
+        names = [n for n in zf.namelist() if n.endswith(".npy")]
+    if "x.npy" in names:
+        return "x.npy"
+    if len(names) == 1:
+        return names[0]
+    raise InputError(f"{path} holds {len(names)} arrays ({', '.join(n[:-4] for n in names[:5])}) and none is named 'x'",
+                     "save the calibration array as numpy.savez(path, x=array)")
+
+
+# -- entry points ------------------------------------------------------------------------
+
+
+def open_reader(source: str | os.PathLike, spec: PreprocessSpec, *, input_name: str = "input", samples: int = 512,
+                batch_size: int = 8, seed: int = 0) -> CalibrationReader:
+    """A reader for ``source``: an image folder, a .npy/.npz of preprocessed arrays, or ``"synthetic"``."""
+    if isinstance(source, str) and source == "synthetic":
+        return SyntheticReader(spec, input_name=input_name, samples=samples, batch_size=batch_size, seed=seed)
+    path = Path(source)
+    if path.is_dir():
+        return ImageFolderReader(path, spec, input_name=input_name, samples=samples, batch_size=batch_size, seed=seed)
+    suffix = path.suffix.lower()
+    if suffix in (".npy", ".npz"):
+        if not path.is_file():
+            raise InputError(f"calibration data {path} does not exist", SOURCE_HINT)
+        return ArrayReader(path, spec, input_name=input_name, samples=samples, batch_size=batch_size)
+    if not path.exists():
+        raise InputError(f"calibration data {path} does not exist", SOURCE_HINT)
+    raise InputError(f"cannot calibrate from {path}: not a folder, .npy or .npz", SOURCE_HINT)
+
+
+def image_fingerprints(source: str | os.PathLike) -> set[str]:
+    """Content hashes of every image under a folder (sha256 of the file bytes), or of every row of a
+    .npy/.npz (sha256 of its float32 bytes); empty for ``"synthetic"``. Two sources in the same form
+    that share images share hashes, which is how an evaluation warns about calibration leakage."""
+    if isinstance(source, str) and source == "synthetic":
+        return set()
+    path = Path(source)
+    if path.is_dir():
+        hashes = set()
+        for p in list_images(path):
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(_READ_CHUNK), b""):
+                    h.update(block)
+            hashes.add(h.hexdigest())
+        return hashes
+    if path.suffix.lower() in (".npy", ".npz") and path.is_file():
+        shape = _array_item_shape(path)
+        spec = PreprocessSpec(input_size=shape[-1], resize=shape[-1])
+        return ArrayReader(path, spec, samples=1 << 62).sample_fingerprints()
+    raise InputError(f"cannot fingerprint {path}: not a folder, .npy or .npz", SOURCE_HINT)
+
+
+def _array_item_shape(path: Path) -> tuple[int, ...]:
+    try:
+        if path.suffix.lower() == ".npy":
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        else:
+            shape = _NpyStream(path, _npz_member(path)).shape
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"cannot read {path} as a numpy array ({type(e).__name__})", SOURCE_HINT) from None
+    if len(shape) < 3 or shape[-3] != 3 or shape[-1] != shape[-2]:
+        raise InputError(f"{path} has shape {tuple(shape)}, expected (N, 3, H, H)", SOURCE_HINT)
+    return tuple(shape)

@@ -1,0 +1,100 @@
+"""TensorRT's IInt8Calibrator cache, as text: how our ranges reach TensorRT 8.x's implicit INT8 path.
+
+The format TensorRT writes and reads back (``writeCalibrationCache`` / ``readCalibrationCache``)::
+
+    TRT-8601-EntropyCalibration2
+    input: 3c010204
+    /conv1/Conv_output_0: 3d1a2b3c
+
+The header names the TensorRT version (``NV_TENSORRT_VERSION``: 8601 for 8.6.1, 100300 for
+10.3.0) and the calibrator algorithm, which TensorRT compares with its calibrator's. Each line is
+a tensor name and its scale, amax / 127, as the 8 hex digits of the big-endian IEEE float32.
+"""
+from __future__ import annotations
+
+import os
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from rexport.core.errors import InputError
+from rexport.core.fsio import atomic_write_text
+
+DEFAULT_VERSION = 8601  # TensorRT 8.6.1, the newest 8.x (JetPack 6.0); pass the builder's own when known
+ALGORITHMS = ("EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration", "LegacyCalibration")
+INT8_MAX = 127.0
+_HEADER = re.compile(r"^TRT-(\d+)-(\w+)$")
+_LINE = re.compile(r"^(.+): ([0-9a-fA-F]{8})$")
+
+
+def algorithm_for(method: str) -> str:
+    """The calibrator algorithm a cache of ``method`` ranges is read by: MinMax for minmax, otherwise
+    EntropyCalibration2 (TensorRT has no percentile calibrator; any fixed ranges fit there)."""
+    return "MinMaxCalibration" if method == "minmax" else "EntropyCalibration2"
+
+
+def tensorrt_version_tag(version: str) -> int:
+    """'8.6.1' -> 8601, '10.3.0' -> 100300: the number in a cache header (NV_TENSORRT_VERSION)."""
+    parts = [int(p) for p in re.findall(r"\d+", version)[:3]]
+    major, minor, patch = (parts + [0, 0, 0])[:3]
+    return major * (10000 if major >= 10 else 1000) + minor * 100 + patch
+
+
+def scale_hex(amax: float) -> str:
+    """The 8 hex digits of float32(amax / 127), big-endian."""
+    return struct.pack(">f", np.float32(amax / INT8_MAX)).hex()
+
+
+def write_tensorrt_cache(ranges: dict[str, float], path: str | os.PathLike, *, algorithm: str = "EntropyCalibration2",
+                         version: int = DEFAULT_VERSION) -> Path:
+    """Write one line per tensor of ``ranges`` (name -> amax > 0), in its order, atomically."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown TensorRT calibration algorithm {algorithm!r}; one of {ALGORITHMS}")
+    lines = [f"TRT-{int(version)}-{algorithm}"]
+    for name, amax in ranges.items():
+        if not (np.isfinite(amax) and amax > 0):
+            raise ValueError(f"tensor {name!r} has amax {amax}; a TensorRT scale must be finite and > 0")
+        if "\n" in name:
+            raise ValueError(f"tensor name {name!r} contains a newline")
+        lines.append(f"{name}: {scale_hex(amax)}")
+    return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def read_tensorrt_cache_header(path: str | os.PathLike) -> tuple[int, str]:
+    """(version, algorithm) from a cache's first line."""
+    version, algorithm, _ = _parse(Path(path))
+    return version, algorithm
+
+
+def read_tensorrt_scales(path: str | os.PathLike) -> dict[str, float]:
+    """name -> scale (a float32 value, as a Python float) for every line of the cache."""
+    return _parse(Path(path))[2]
+
+
+def read_tensorrt_cache(path: str | os.PathLike) -> dict[str, float]:
+    """name -> amax = scale * 127 (computed exactly in float64 from the float32 scale)."""
+    return {name: scale * INT8_MAX for name, scale in read_tensorrt_scales(path).items()}
+
+
+def _parse(path: Path) -> tuple[int, str, dict[str, float]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read TensorRT calibration cache {path} ({type(e).__name__})",
+                         "re-run 'rexport calibrate'") from None
+    lines = text.splitlines()
+    header = _HEADER.match(lines[0].strip()) if lines else None
+    if header is None or header.group(2) not in ALGORITHMS:
+        raise InputError(f"{path} is not a TensorRT calibration cache (first line {lines[0][:60] if lines else ''!r})",
+                         "re-run 'rexport calibrate'")
+    scales: dict[str, float] = {}
+    for n, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        m = _LINE.match(line.rstrip())
+        if m is None:
+            raise InputError(f"{path}:{n}: not a 'tensor: hexscale' line: {line[:80]!r}", "re-run 'rexport calibrate'")
+        scales[m.group(1)] = float(struct.unpack(">f", bytes.fromhex(m.group(2)))[0])
+    return int(header.group(1)), header.group(2), scales

@@ -1,0 +1,84 @@
+"""Engine builders: a small registry (MMDeploy-style). A backend declares the precisions it
+offers and whether this machine can run it, without importing its runtime."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rexport.core.errors import InputError
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Engine build settings; backends use the ones that apply to them and record all in the sidecar."""
+
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 32
+    workspace_mib: int | None = None
+    timing_cache: str | None = None
+    builder_opt_level: int | None = None
+    legacy: bool = False
+    dla_core: int | None = None
+    version_compatible: bool = False
+    hardware_compatible: bool = False
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.min_batch <= self.opt_batch <= self.max_batch):
+            raise InputError(f"bad batch profile {self.min_batch}/{self.opt_batch}/{self.max_batch}",
+                             "need 1 <= --min-batch <= --opt-batch <= --max-batch")
+
+
+class Backend:
+    """Base class of an engine backend; see openvino.py and tensorrt.py."""
+
+    name: str = ""
+    precisions: tuple[str, ...] = ()
+
+    def unavailable_reason(self) -> str | None:
+        """None when this machine can build and run the backend, else a short reason
+        ("no CUDA device", "tensorrt not installed"). Must not import heavy runtimes eagerly."""
+        raise NotImplementedError
+
+    def source_variant(self, precision: str) -> str:
+        """Which ONNX variant (fp32|fp16|int8) an engine of ``precision`` is compiled from."""
+        return precision
+
+    def build(self, onnx_path: Path, dest: Path, precision: str, settings: BuildSettings, *,
+              calibration_cache: Path | None = None, progress: bool = True) -> dict:
+        """Compile ``onnx_path`` into the (empty, temporary) folder ``dest``; return the sidecar dict."""
+        raise NotImplementedError
+
+    def load(self, engine_dir: Path, *, threads: int | None = None):
+        """Check the sidecar against this machine, then return a Runner for the engine."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def _load_builtin() -> None:
+    if not _REGISTRY:
+        from rexport.pipeline.backends import openvino, tensorrt  # noqa: F401  (they register themselves)
+
+
+def backends() -> dict[str, Backend]:
+    _load_builtin()
+    return dict(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    """A backend by name; 'auto' is TensorRT where it can run, else OpenVINO."""
+    regs = backends()
+    if name == "auto":
+        trt = regs.get("tensorrt")
+        return trt if trt is not None and trt.unavailable_reason() is None else regs["openvino"]
+    if name not in regs:
+        raise InputError(f"unknown backend {name!r}", f"use one of: auto, {', '.join(sorted(regs))}")
+    return regs[name]

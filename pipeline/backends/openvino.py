@@ -1,0 +1,240 @@
+"""OpenVINO CPU engines: an IR (model.xml + model.bin) plus the load-time settings that fix its precision.
+
+An IR is not a compiled blob: the precision is decided when it is compiled, and two defaults
+change it silently. ``ov.save_model`` compresses weights to FP16 unless told not to, and on a
+CPU with BF16 the default inference precision is bf16. So an engine is saved uncompressed and
+its sidecar carries INFERENCE_PRECISION_HINT, which every load (here and in the deployment
+bundle) passes on unchanged. ``openvino`` is imported only inside the functions that need it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rexport.core.env import cpu_info, package_version
+from rexport.core.errors import InputError, MissingDependency
+from rexport.core.preprocess import PreprocessSpec
+from rexport.pipeline.backends import Backend, BuildSettings, register
+from rexport.pipeline.backends.sidecar import (make_sidecar, read_sidecar, refuse_incompatible, verify_engine_files,
+                                               version_tuple)
+from rexport.pipeline.runners import Runner
+
+DEVICE = "CPU"
+ENGINE_FILES = ("model.xml", "model.bin")
+BF16_ISA = ("avx512_bf16", "amx_bf16")
+#: What the CPU plugin computes for each engine precision. int8 keeps f32 for whatever the Q/DQ
+#: model left unquantized (on a BF16 CPU the default would quietly run that part in bf16).
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+#: One stream using every core: our runners drive one synchronous request at a time, which a
+#: THROUGHPUT hint would confine to a fraction of the cores.
+PERFORMANCE_HINT = "LATENCY"
+
+
+def _build_hint(precision: str | None = None) -> str:
+    return "rebuild with 'rexport build --backend openvino" + (f" --precision {precision}'" if precision else "'")
+
+
+def machine_facts() -> dict:
+    """What the compatibility check needs to know about this machine (no openvino import)."""
+    cpu = cpu_info()
+    return {"openvino": package_version("openvino"), "isa": list(cpu["isa"]), "arch": cpu["arch"],
+            "model": cpu["model"]}
+
+
+def has_bf16(isa: list[str] | tuple[str, ...]) -> bool:
+    return any(flag in isa for flag in BF16_ISA)
+
+
+def compatibility_problems(sidecar: dict, facts: dict) -> list[str]:
+    """What keeps an engine (its sidecar) from loading on a machine (``machine_facts()``); empty when nothing."""
+    problems = []
+    if sidecar.get("backend") != "openvino":
+        problems.append(f"engine is for backend {sidecar.get('backend')!r}, not openvino")
+        return problems
+    precision = sidecar.get("precision")
+    if precision not in OpenVINOBackend.precisions:
+        problems.append(f"unknown OpenVINO engine precision {precision!r}")
+    built = (sidecar.get("runtime") or {}).get("openvino")
+    here = facts.get("openvino")
+    if not here:
+        problems.append("OpenVINO is not installed on this machine")
+    elif not built:
+        problems.append("the sidecar does not record the OpenVINO version the engine was built with")
+    elif version_tuple(built) > version_tuple(here):
+        problems.append(f"engine built with OpenVINO {built}, this machine has {here}")
+    if precision == "bf16" and not has_bf16(facts.get("isa", [])):
+        problems.append(f"a bf16 engine needs a CPU with native BF16 ({' or '.join(BF16_ISA)}); "
+                        f"this CPU ({facts.get('model', 'unknown')}) has none")
+    hint = (sidecar.get("load_settings") or {}).get("INFERENCE_PRECISION_HINT")
+    if precision in INFERENCE_PRECISION and hint != INFERENCE_PRECISION[precision]:
+        problems.append(f"a {precision} engine must load with INFERENCE_PRECISION_HINT "
+                        f"{INFERENCE_PRECISION[precision]}, the sidecar says {hint!r}")
+    return problems
+
+
+def _ov_type_name(value) -> str:
+    """'f32' for an ov.Type, the plain string otherwise."""
+    return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+
+
+def _port_info(port) -> dict:
+    try:
+        name = port.get_any_name()
+    except RuntimeError:  # a port without a tensor name
+        name = ""
+    shape = [d.get_length() if d.is_static else -1 for d in port.get_partial_shape()]
+    return {"name": name, "shape": shape, "dtype": str(np.dtype(port.get_element_type().to_dtype()))}
+
+
+class OpenVINOBackend(Backend):
+    name = "openvino"
+    precisions = ("fp32", "bf16", "int8")
+    #: why a precision is not offered, for the error message of a build that asks for it
+    precision_notes = {"fp16": "OpenVINO on x86 computes an fp16 model in f32 or bf16"}
+
+    def unavailable_reason(self) -> str | None:
+        if importlib.util.find_spec("openvino") is None:
+            return "openvino not installed (pip install openvino)"
+        try:
+            import openvino as ov
+
+            devices = ov.Core().available_devices
+        except Exception as e:  # a broken install raises anything from ImportError to RuntimeError
+            return f"openvino cannot start: {str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}"
+        if DEVICE not in devices:
+            return f"OpenVINO has no {DEVICE} device here (devices: {', '.join(devices) or 'none'})"
+        return None
+
+    def precision_unavailable_reason(self, precision: str) -> str | None:
+        """None when this machine can build ``precision``, else why not."""
+        if precision == "bf16" and not has_bf16(cpu_info()["isa"]):
+            return (f"bf16 needs a CPU with native BF16 ({' or '.join(BF16_ISA)}); "
+                    f"this CPU ({cpu_info()['model']}) would emulate it")
+        return None
+
+    def source_variant(self, precision: str) -> str:
+        return {"fp32": "fp32", "bf16": "fp32", "int8": "int8"}[precision]
+
+    def load_settings(self, precision: str, threads: int | None = None) -> dict:
+        settings = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision], "PERFORMANCE_HINT": PERFORMANCE_HINT}
+        if threads:
+            settings["INFERENCE_NUM_THREADS"] = int(threads)
+        return settings
+
+    def build(self, onnx_path: Path, dest: Path, precision: str, settings: BuildSettings, *,
+              calibration_cache: Path | None = None, progress: bool = True) -> dict:
+        if precision not in self.precisions:
+            raise InputError(f"openvino does not build {precision!r} engines", f"use {', '.join(self.precisions)}")
+        reason = self.precision_unavailable_reason(precision)
+        if reason:
+            raise MissingDependency(reason, "build fp32 or int8, or build bf16 on a CPU with AVX512_BF16/AMX")
+        import openvino as ov
+
+        onnx_path, dest = Path(onnx_path), Path(dest)
+        t0 = time.perf_counter()
+        try:
+            model = ov.convert_model(str(onnx_path))
+        except Exception as e:  # the ONNX frontend raises OpConversionFailure, GeneralFailure, ...
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise InputError(f"OpenVINO cannot convert {onnx_path}: {first}",
+                             "re-run 'rexport export' (or 'rexport quantize') to rewrite it") from None
+        self._keep_batch_dynamic(model)
+        # compress_to_fp16 defaults to True: without this an "fp32" IR would hold fp16 weights
+        ov.save_model(model, str(dest / "model.xml"), compress_to_fp16=False)
+        load_settings = self.load_settings(precision, settings.threads)
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(str(dest / "model.xml")), DEVICE, load_settings)
+        io = {"inputs": [_port_info(p) for p in compiled.inputs], "outputs": [_port_info(p) for p in compiled.outputs]}
+        got = _ov_type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        if got != load_settings["INFERENCE_PRECISION_HINT"]:
+            raise MissingDependency(f"OpenVINO compiled the {precision} engine with inference precision {got}, "
+                                    f"not {load_settings['INFERENCE_PRECISION_HINT']}",
+                                    "this CPU or OpenVINO version cannot run that precision")
+        del compiled
+        build_seconds = time.perf_counter() - t0
+        return make_sidecar(
+            backend=self.name, precision=precision, engine_dir=dest, engine_files=list(ENGINE_FILES),
+            source_onnx=onnx_path, source_variant=self.source_variant(precision),
+            runtime={"openvino": package_version("openvino") or ov.__version__, "openvino_build": ov.get_version()},
+            device={"kind": "cpu", **cpu_info()}, io=io, profile=None,
+            build_settings={"compress_to_fp16": False, "threads": settings.threads, "device": DEVICE},
+            load_settings=load_settings, build_seconds=build_seconds,
+            preprocess=PreprocessSpec.from_onnx(onnx_path).to_dict())
+
+    @staticmethod
+    def _keep_batch_dynamic(model) -> None:
+        """An exported model with a fixed batch is opened up to any batch, like the ONNX export's 'batch' axis."""
+        import openvino as ov
+
+        shapes = {}
+        for port in model.inputs:
+            ps = port.get_partial_shape()
+            if ps.rank.is_static and len(ps) >= 1 and ps[0].is_static:
+                shapes[port] = ov.PartialShape([ov.Dimension(-1)] + [ps[i] for i in range(1, len(ps))])
+        if shapes:
+            try:
+                model.reshape(shapes)
+            except Exception:  # a graph with batch-dependent constants: keep its fixed batch (recorded in io)
+                pass
+
+    def load(self, engine_dir: Path, *, threads: int | None = None) -> "OpenVINORunner":
+        engine_dir = Path(engine_dir)
+        sidecar = read_sidecar(engine_dir)
+        if sidecar.get("backend") != self.name:
+            raise InputError(f"{engine_dir} holds a {sidecar.get('backend')} engine, not an openvino one",
+                             "load it with its own backend (rexport reads the backend from sidecar.json)")
+        reason = self.unavailable_reason()
+        if reason:
+            raise MissingDependency(f"cannot load {engine_dir}: {reason}", "install openvino (pip install openvino)")
+        refuse_incompatible(engine_dir, sidecar, compatibility_problems(sidecar, machine_facts()))
+        verify_engine_files(engine_dir, sidecar)
+        return OpenVINORunner(engine_dir, sidecar, threads=threads)
+
+
+class OpenVINORunner(Runner):
+    """An OpenVINO engine compiled with exactly the load settings its sidecar records."""
+
+    def __init__(self, engine_dir: Path, sidecar: dict, *, threads: int | None = None, name: str | None = None) -> None:
+        super().__init__()
+        self.engine_dir = Path(engine_dir)
+        self.sidecar = sidecar
+        self.name = name or f"openvino-{sidecar['precision']}"
+        self.config = dict(sidecar["load_settings"])
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = None
+        self.request = None
+
+    def _activate(self) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(self.engine_dir / "model.xml"), str(self.engine_dir / "model.bin"))
+        self.compiled = core.compile_model(model, DEVICE, self.config)
+        self.request = self.compiled.create_infer_request()
+        prop = self.compiled.get_property
+        self.settings = {
+            "runtime": f"openvino {package_version('openvino') or ov.__version__}",
+            "device": DEVICE,
+            "inference_precision": _ov_type_name(prop("INFERENCE_PRECISION_HINT")),
+            "performance_hint": str(prop("PERFORMANCE_HINT")),
+            "streams": int(prop("NUM_STREAMS")),
+            "threads": int(prop("INFERENCE_NUM_THREADS")),
+            "load_settings": dict(self.config),
+        }
+
+    def _deactivate(self) -> None:
+        self.request = None
+        self.compiled = None
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        if self.request is None:
+            raise RuntimeError(f"{self.name} is not active: use it as a context manager")
+        self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+        return np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
+
+register(OpenVINOBackend())

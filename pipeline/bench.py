@@ -1,0 +1,281 @@
+"""Latency and throughput of every variant on identical inputs, with the statistics and settings
+needed to reproduce them: the numbers users pick an engine by.
+
+One row per variant x batch size. A row that cannot run keeps its reason and the bench goes on
+(Ultralytics-benchmark style); a build that was skipped (``build:tensorrt``: no CUDA device) is
+shown as a skipped row, never silently dropped.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from rexport.core.env import environment
+from rexport.core.errors import InputError, MissingDependency
+from rexport.core.fsio import atomic_write_json
+from rexport.core.preprocess import PreprocessSpec
+from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
+from rexport.pipeline.variants import REFERENCE, list_variants, open_variant, variant_precision
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "bench/results.json"
+
+LATENCY_DEFINITION = (
+    "model execution on preprocessed input, host arrays in and out, on the CPU (TensorRT: on the GPU, "
+    "including host<->device copies); one synchronous call per batch, timed with the host wall clock "
+    "(time.perf_counter) around runner.infer; excludes image decoding/preprocessing")
+THROUGHPUT_DEFINITION = "images_per_s = batch * 1000 / mean_ms (sustained rate of back-to-back synchronous calls)"
+SPEEDUP_DEFINITION = "speedup_vs_pytorch = p50_ms of pytorch / p50_ms of the row, at the same batch size"
+GPU_COMPUTE_NOT_MEASURED = ("not measured: the runner reports no device-side time "
+                            "(a TensorRT runner may set .last_device_ms from CUDA events)")
+
+_PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to time and for how long; every field is recorded in bench/results.json."""
+
+    variants: tuple[str, ...] | None = None      # default: every variant present, pytorch first
+    backends: tuple[str, ...] | None = None      # filter: pytorch | onnxruntime | <engine backend>
+    precisions: tuple[str, ...] | None = None    # filter: fp32 | fp16 | int8 | bf16 ...
+    batch_sizes: tuple[int, ...] = (1, 8)
+    warmup: int = 5
+    min_time: float = 1.0      # seconds of timed repetition per row, at least
+    max_time: float = 10.0     # ... at most (stop even if the p50 is not yet stable)
+    min_iters: int = 10
+    threads: int | None = None
+    seed: int = 0              # input for batch b is standard normal drawn with seed + b
+    stability: float = 0.05    # p50 of first and second half of the samples within this fraction
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
+            raise InputError(f"bad batch sizes {self.batch_sizes}", "pass --batch-sizes 1,8 (positive integers)")
+        if self.warmup < 0 or self.min_iters < 1 or self.min_time < 0 or self.max_time < self.min_time:
+            raise InputError("bad bench timing settings",
+                             "need --warmup >= 0, --min-iters >= 1 and 0 <= --min-time <= --max-time")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"bad thread count {self.threads}", "pass --threads N with N >= 1, or leave it out")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("variants", "backends", "precisions", "batch_sizes"):
+            d[k] = list(d[k]) if d[k] is not None else None
+        return d
+
+
+def variant_backend(variant: str) -> str:
+    """pytorch for the reference, onnxruntime for the ONNX files, the prefix for engines."""
+    if variant == REFERENCE:
+        return "pytorch"
+    if variant in VARIANT_FILES:
+        return "onnxruntime"
+    return variant.split("-", 1)[0]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _row(variant: str, backend: str, precision: str | None, batch: int, status: str, reason: str | None) -> dict:
+    return {"variant": variant, "backend": backend, "precision": precision, "batch": batch,
+            "status": status, "reason": reason, "p50_ms": None, "p90_ms": None, "p99_ms": None,
+            "mean_ms": None, "std_ms": None, "min_ms": None, "images_per_s": None, "iterations": 0,
+            "timed_s": None, "stable": None, "stop": None, "runner_settings": {},
+            "gpu_compute_ms": None, "speedup_vs_pytorch": None}
+
+
+def _stats(samples_s: list[float]) -> dict:
+    a = np.asarray(samples_s, dtype=np.float64) * 1000.0
+    p50, p90, p99 = (float(v) for v in np.percentile(a, _PERCENTILES))
+    return {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "mean_ms": float(a.mean()),
+            "std_ms": float(a.std()), "min_ms": float(a.min())}
+
+
+def _is_stable(samples: list[float], tol: float) -> bool:
+    half = len(samples) // 2
+    first, second = float(np.median(samples[:half])), float(np.median(samples[half:]))
+    return abs(first - second) <= tol * float(np.median(samples))
+
+
+def time_runner(runner, x: np.ndarray, settings: BenchSettings) -> dict:
+    """Warm up, then repeat synchronous calls until min_time and min_iters are reached and the
+    p50 is stable, or max_time has passed. Returns the timing part of a row."""
+    for _ in range(settings.warmup):
+        runner.infer(x)
+    samples: list[float] = []
+    device_ms: list[float] = []
+    next_check = settings.min_iters
+    start = time.perf_counter()
+    stop, stable = "max_time", False
+    while True:
+        t0 = time.perf_counter()
+        runner.infer(x)
+        t1 = time.perf_counter()
+        samples.append(t1 - t0)
+        dev = getattr(runner, "last_device_ms", None)
+        if dev is not None:
+            device_ms.append(float(dev))
+        elapsed = t1 - start
+        if len(samples) >= next_check and elapsed >= settings.min_time:
+            # checking every call would cost O(n log n) per call for fast models
+            next_check = len(samples) + max(1, len(samples) // 10)
+            if _is_stable(samples, settings.stability):
+                stop, stable = "stable", True
+                break
+        if elapsed >= settings.max_time:
+            stable = len(samples) >= 2 and _is_stable(samples, settings.stability)
+            break
+    out = _stats(samples)
+    out.update(iterations=len(samples), timed_s=round(time.perf_counter() - start, 4), stable=stable, stop=stop)
+    if device_ms:
+        d = np.asarray(device_ms)
+        out["gpu_compute_ms"] = {"p50_ms": float(np.median(d)), "mean_ms": float(d.mean()),
+                                 "iterations": len(device_ms)}
+    return out
+
+
+def _selected(variant: str, settings: BenchSettings) -> bool:
+    if settings.backends is not None and variant_backend(variant) not in settings.backends:
+        return False
+    if settings.precisions is not None and variant_precision(variant) not in settings.precisions:
+        return False
+    return True
+
+
+def _skipped_builds(run: RunDir, present: set[str]) -> dict[str, str]:
+    """Variants whose producing stage (build:*, quantize:*) did not run or failed: variant -> reason."""
+    out = {}
+    for name, st in run.manifest.get("stages", {}).items():
+        kind, _, target = name.partition(":")
+        if kind not in ("build", "quantize") or not target or target in present:
+            continue
+        status = st.get("status")
+        if status == "ok":
+            continue
+        word = "skipped" if status == "skipped" else f"{kind} {status}"
+        out[target] = f"{word}: {st.get('reason') or 'no reason recorded'}"
+    return out
+
+
+def _inputs(run: RunDir, settings: BenchSettings) -> tuple[dict[int, np.ndarray], dict]:
+    spec = PreprocessSpec.from_onnx(run.require(VARIANT_FILES["fp32"], "rexport export"))
+    xs = {}
+    for b in settings.batch_sizes:
+        rng = np.random.default_rng(settings.seed + b)
+        xs[b] = rng.standard_normal((b, *spec.input_shape), dtype=np.float32)
+    info = {"shape_per_sample": list(spec.input_shape), "dtype": "float32", "layout": "NCHW",
+            "data": f"standard normal, seeded with seed + batch (seed {settings.seed}); same tensors for every row"}
+    return xs, info
+
+
+def _bench_variant(run: RunDir, variant: str, xs: dict[int, np.ndarray], settings: BenchSettings,
+                   progress: bool) -> list[dict]:
+    backend, precision = variant_backend(variant), variant_precision(variant)
+    rows = [_row(variant, backend, precision, b, "ok", None) for b in settings.batch_sizes]
+    try:
+        runner = open_variant(run, variant, threads=settings.threads)
+        runner.__enter__()
+    except Exception as e:  # any load failure becomes this variant's rows, the bench goes on
+        status = "skipped" if isinstance(e, MissingDependency) else "error"
+        for r in rows:
+            r.update(status=status, reason=f"cannot load: {_one_line(e)}")
+        _say(progress, f"bench {variant}: {status}: cannot load: {_one_line(e)}")
+        return rows
+    try:
+        for r in rows:
+            x = xs[r["batch"]]
+            r["runner_settings"] = dict(getattr(runner, "settings", {}) or {})
+            try:
+                y = np.asarray(runner.infer(x))
+                if y.ndim != 2 or y.shape[0] != x.shape[0]:
+                    raise InputError(f"output shape {tuple(y.shape)} for a batch of {x.shape[0]}")
+                r.update(time_runner(runner, x, settings))
+            except Exception as e:  # e.g. a batch outside an engine's profile
+                r.update(status="error", reason=f"inference failed: {_one_line(e)}")
+                _say(progress, f"bench {variant} b{r['batch']}: error: {r['reason']}")
+                continue
+            r["runner_settings"] = dict(getattr(runner, "settings", {}) or {})
+            r["images_per_s"] = r["batch"] * 1000.0 / r["mean_ms"]
+            if backend == "tensorrt" and r["gpu_compute_ms"] is None:
+                r["gpu_compute_ms"] = GPU_COMPUTE_NOT_MEASURED
+            _say(progress, f"bench {variant} b{r['batch']}: p50 {r['p50_ms']:.3f} ms, "
+                           f"{r['images_per_s']:.1f} img/s ({r['iterations']} calls, {r['stop']})")
+    finally:
+        runner.__exit__(None, None, None)
+    return rows
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run_bench(run: RunDir, settings: BenchSettings, *, progress: bool = True) -> dict:
+    """Time every selected variant at every batch size; write bench/results.json atomically and return it.
+
+    Does not take the run lock nor touch the manifest: the CLI wraps this in ``run.run_stage("bench", ...)``
+    (see ``bench_outcome``).
+    """
+    run.require_export()
+    xs, input_info = _inputs(run, settings)
+    present = list_variants(run)
+    if settings.variants is not None:  # the reference first: it is the baseline of speedup_vs_pytorch
+        asked = sorted(dict.fromkeys(settings.variants), key=lambda v: v != REFERENCE)
+        wanted = [v for v in asked if _selected(v, settings)]
+    else:
+        wanted = [v for v in present if _selected(v, settings)]
+    skipped_builds = _skipped_builds(run, set(present))
+
+    rows: list[dict] = []
+    for variant in wanted:
+        if variant not in present:
+            reason = skipped_builds.pop(variant, None) or f"not in {run.path} (build or quantize it first)"
+            rows += [_row(variant, variant_backend(variant), variant_precision(variant), b, "skipped", reason)
+                     for b in settings.batch_sizes]
+            continue
+        rows += _bench_variant(run, variant, xs, settings, progress)
+    for variant, reason in skipped_builds.items():
+        if settings.variants is not None and variant not in settings.variants:
+            continue
+        backend = variant_backend(variant)
+        precision = variant_precision(variant) if "-" in variant or variant in VARIANT_FILES else None
+        if settings.backends is not None and backend not in settings.backends:
+            continue
+        if settings.precisions is not None and precision is not None and precision not in settings.precisions:
+            continue
+        rows += [_row(variant, backend, precision, b, "skipped", reason) for b in settings.batch_sizes]
+
+    base = {r["batch"]: r["p50_ms"] for r in rows if r["variant"] == REFERENCE and r["status"] == "ok"}
+    for r in rows:
+        if r["status"] == "ok" and base.get(r["batch"]):
+            r["speedup_vs_pytorch"] = base[r["batch"]] / r["p50_ms"]
+
+    results = {
+        "schema_version": SCHEMA_VERSION, "created": _now(),
+        "latency_definition": LATENCY_DEFINITION, "throughput_definition": THROUGHPUT_DEFINITION,
+        "speedup_definition": SPEEDUP_DEFINITION, "percentiles": "numpy.percentile, linear interpolation; "
+        "std is the population standard deviation of the per-call times",
+        "settings": settings.to_dict(), "input": input_info, "environment": environment(), "rows": rows,
+    }
+    atomic_write_json(run.file(RESULTS_FILE), results)
+    return results
+
+
+def bench_outcome(results: dict) -> StageOutcome:
+    """The manifest record of a bench run: its file and a count of rows by status."""
+    counts: dict[str, Any] = {}
+    for r in results["rows"]:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    errors = sorted({f"{r['variant']}: {r['reason']}" for r in results["rows"] if r["status"] == "error"})
+    return StageOutcome(outputs=[RESULTS_FILE], summary={"rows": counts, "errors": errors})

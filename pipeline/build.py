@@ -1,0 +1,122 @@
+"""The build stage: compile the run's ONNX variants into engines, one folder per backend and precision.
+
+Every precision is fixed in ONNX before this stage; a backend only compiles the file that
+carries it (``source_variant``). Each engine is one manifest stage (``build:<backend>-<precision>``),
+built into a temporary folder that replaces ``engines/<backend>-<precision>/`` only when the
+build and its sidecar are complete. The caller holds the run lock.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+from rexport.core.errors import InputError, MissingDependency
+from rexport.core.fsio import atomic_dir
+from rexport.pipeline.backends import Backend, BuildSettings, get_backend
+from rexport.pipeline.backends.sidecar import SIDECAR_NAME, write_sidecar
+from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
+
+_INSTALL_HINT = {"tensorrt": "install TensorRT and run on a machine with a CUDA device (pip install 'rexport[tensorrt]'), "
+                             "or pass --backend openvino",
+                 "openvino": "pip install openvino"}
+
+
+def engine_dir_name(backend: str, precision: str) -> str:
+    return f"{backend}-{precision}"
+
+
+def _precision_unavailable(b: Backend, precision: str) -> str | None:
+    check = getattr(b, "precision_unavailable_reason", None)
+    return check(precision) if check is not None else None
+
+
+def _source_hint(variant: str) -> str:
+    return "run 'rexport export' first" if variant == "fp32" else f"run 'rexport quantize --precision {variant}' first"
+
+
+def _calibration_cache(run: RunDir, b: Backend, precision: str) -> Path | None:
+    """The TensorRT calibration cache that 'quantize:int8' wrote beside the Q/DQ model (legacy TensorRT 8.x builds)."""
+    if b.name != "tensorrt" or precision != "int8":
+        return None
+    st = run.stage("quantize:int8") or {}
+    rel = (st.get("summary") or {}).get("tensorrt_cache")
+    if rel and run.file(rel).is_file():
+        return run.file(rel)
+    return None
+
+
+def build_engines(run: RunDir, *, backend: str = "auto", precisions: Sequence[str] | None = None,
+                  settings: BuildSettings = BuildSettings(), progress: bool = True,
+                  skip_unavailable: bool = False) -> list[dict]:
+    """Build (or reuse) one engine per precision; return the stage records, each with its ``stage`` name.
+
+    ``precisions`` None means everything ``backend`` offers on this machine; what it cannot build
+    here (a precision the CPU lacks, a variant not yet quantized) is recorded as skipped. Asked
+    for explicitly, the same gaps are errors (exit 2), raised before anything is built.
+    ``skip_unavailable`` records a backend that cannot run here as skipped instead of raising.
+    """
+    run.require_export()
+    b = get_backend(backend)
+    reason = b.unavailable_reason()
+    if reason:
+        if skip_unavailable:
+            return [{**run.record_skip(f"build:{b.name}", reason, {"backend": b.name}), "stage": f"build:{b.name}"}]
+        raise MissingDependency(f"{b.name}: {reason}", _INSTALL_HINT.get(b.name, f"install {b.name}"))
+
+    explicit = precisions is not None
+    wanted = list(dict.fromkeys(precisions)) if explicit else list(b.precisions)
+    if explicit and not wanted:
+        raise InputError("no precision given", f"use one or more of {', '.join(b.precisions)}")
+    # Check every request up front so that a bad one leaves nothing half-built.
+    plan: list[tuple[str, Path | None, str | None]] = []  # (precision, source onnx, why skipped)
+    for p in wanted:
+        if p not in b.precisions:
+            note = getattr(b, "precision_notes", {}).get(p)
+            raise InputError(f"{b.name} does not build {p!r} engines" + (f": {note}" if note else ""),
+                             f"use {', '.join(b.precisions[:-1])} or {b.precisions[-1]}" if len(b.precisions) > 1
+                             else f"use {b.precisions[0]}")
+        why = _precision_unavailable(b, p)
+        variant = b.source_variant(p)
+        src = run.file(VARIANT_FILES[variant])
+        if why is None and not src.is_file():
+            why = f"{VARIANT_FILES[variant]} not found ({_source_hint(variant)})"
+            if explicit:
+                raise InputError(f"{src} not found: the {b.name}-{p} engine is built from the {variant} ONNX",
+                                 _source_hint(variant))
+        elif why is not None and explicit and not skip_unavailable:
+            raise MissingDependency(f"{b.name}-{p}: {why}", f"leave out --precision {p}")
+        plan.append((p, src, why))
+
+    records = []
+    base_settings = dataclasses.asdict(settings)
+    for p, src, why in plan:
+        name = f"build:{engine_dir_name(b.name, p)}"
+        stage_settings = {**base_settings, "precision": p, "backend": b.name}
+        if why is not None:
+            records.append({**run.record_skip(name, why, stage_settings), "stage": name})
+            continue
+        cache = _calibration_cache(run, b, p)
+        inputs = {"onnx": src}
+        if cache is not None:
+            inputs["calibration_cache"] = cache
+        action = _build_action(run, b, p, src, settings, cache, progress)
+        records.append({**run.run_stage(name, inputs=inputs, settings=stage_settings, action=action), "stage": name})
+    return records
+
+
+def _build_action(run: RunDir, b: Backend, precision: str, src: Path, settings: BuildSettings,
+                  cache: Path | None, progress: bool):
+    def action() -> StageOutcome:
+        folder = engine_dir_name(b.name, precision)
+        final = run.path / "engines" / folder
+        with atomic_dir(final) as tmp:
+            sidecar = b.build(src, tmp, precision, settings, calibration_cache=cache, progress=progress)
+            write_sidecar(tmp, sidecar)
+        files = [*sidecar["engine_files"], SIDECAR_NAME]
+        size = sum((final / f).stat().st_size for f in sidecar["engine_files"])
+        return StageOutcome(
+            outputs=[f"engines/{folder}/{f}" for f in files],
+            summary={"backend": b.name, "precision": precision, "engine_dir": f"engines/{folder}",
+                     "size_mb": round(size / 2**20, 2), "build_seconds": sidecar["build_seconds"]})
+    return action

@@ -1,0 +1,227 @@
+"""Export stage: PyTorch -> one self-contained, simplified FP32 ONNX with the preprocessing in
+its metadata.
+
+Exporter: torch's dynamo exporter (``torch.onnx.export(dynamo=True)``). The TorchScript exporter
+is faster (about 1 s against 2-8 s) but deprecated; the dynamo one is where torch fixes bugs.
+It always emits opset 18 or later and ignores a lower ``opset_version``, so for TensorRT 8.5/8.6
+(JetPack 5/6.0) we rewrite the two opset-18 idioms it uses in a ResNet head (ReduceMean with
+axes as an input, Reshape with ``allowzero``) into GlobalAveragePool + Flatten, which every
+TensorRT parses, and then convert the graph down with ONNX's version converter.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rexport.core.errors import InputError
+from rexport.core.fsio import atomic_path
+from rexport.core.preprocess import METADATA_KEY, PreprocessSpec
+from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
+
+DEFAULT_OPSET = 17          # loads in TensorRT 8.5 (JetPack 5) and every later TensorRT
+MIN_OPSET, MAX_OPSET = 17, 21
+MAX_DYNAMIC_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    model: str = "resnet18"
+    weights: str | None = None
+    num_classes: int | None = None
+    trust_checkpoint: bool = False
+    seed: int = 0
+    opset: int = DEFAULT_OPSET
+    batch: str = "dynamic"             # "dynamic" or a fixed batch size
+    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+
+    def __post_init__(self) -> None:
+        if not (MIN_OPSET <= self.opset <= MAX_OPSET):
+            raise InputError(f"opset {self.opset} is not supported",
+                             f"use an opset from {MIN_OPSET} to {MAX_OPSET} (17 for TensorRT 8.5 / JetPack 5)")
+        from rexport.models.resnet import MODELS
+
+        if self.model not in MODELS:
+            raise InputError(f"unknown model {self.model!r}", f"use one of: {', '.join(MODELS)}")
+        if self.batch != "dynamic" and not (str(self.batch).isdigit() and int(self.batch) >= 1):
+            raise InputError(f"bad --batch {self.batch!r}", "use 'dynamic' or a positive integer")
+
+    def to_record(self) -> dict:
+        d = asdict(self)
+        d["preprocess"] = self.preprocess.to_dict()
+        return d
+
+
+def _const(graph, name: str) -> np.ndarray | None:
+    from onnx import numpy_helper
+
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def portable_head(model):
+    """Rewrite ReduceMean(axes=H,W, keepdims) -> GlobalAveragePool and a following
+    Reshape(-1, C) -> Flatten, so the graph converts to opset 17 and parses in TensorRT 8.5."""
+    from onnx import helper
+
+    g = model.graph
+    pooled: set[str] = set()
+    for i, node in enumerate(list(g.node)):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "ReduceMean" and len(node.input) == 2 and attrs.get("keepdims", 1) == 1:
+            axes = _const(g, node.input[1])
+            if axes is not None and sorted(int(a) % 4 for a in axes.ravel()) == [2, 3]:
+                g.node[i].CopyFrom(helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output),
+                                                    name=node.name or f"gap_{i}"))
+                pooled.add(node.output[0])
+        elif node.op_type == "Reshape" and node.input[0] in pooled:
+            shape = _const(g, node.input[1])
+            if shape is not None and shape.size == 2 and int(shape[0]) in (-1, 0):
+                g.node[i].CopyFrom(helper.make_node("Flatten", [node.input[0]], list(node.output),
+                                                    name=node.name or f"flatten_{i}", axis=1))
+    return model
+
+
+def _to_onnx_model(torch_model, settings: ExportSettings):
+    import onnx
+    import torch
+
+    spec = settings.preprocess
+    batch = 2 if settings.batch == "dynamic" else int(settings.batch)
+    x = torch.randn(batch, *spec.input_shape)
+    kwargs: dict = {}
+    if settings.batch == "dynamic":
+        kwargs["dynamic_shapes"] = {"x": {0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)}}
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # it warns that torchvision's ops are not registered: irrelevant here
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(torch_model, (x,), None, dynamo=True, opset_version=max(settings.opset, 18),
+                                    input_names=["input"], output_names=["logits"], verbose=False,
+                                    optimize=True, **kwargs)
+    quiet.setLevel(level)
+    model = program.model_proto
+    model = portable_head(model)
+    if settings.opset < 18:
+        from onnx import version_converter
+
+        model = version_converter.convert_version(model, settings.opset)
+    return model, x
+
+
+def _simplify(model):
+    import onnxslim
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return onnxslim.slim(model)
+
+
+def export_onnx(settings: ExportSettings, out_path: str | os.PathLike) -> dict:
+    """Build the model, export it, simplify, check, and write ``out_path`` atomically.
+
+    Returns a summary (node counts, ops, size, random-init flag, the PyTorch-vs-ORT smoke error).
+    """
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from rexport.models.checkpoint import load_model
+
+    loaded = load_model(settings.model, settings.weights, num_classes=settings.num_classes,
+                        trust_checkpoint=settings.trust_checkpoint, seed=settings.seed)
+    spec = settings.preprocess
+    if spec.labels is not None and len(spec.labels) != loaded.num_classes:
+        raise InputError(f"{len(spec.labels)} labels given for a model with {loaded.num_classes} classes",
+                         "pass a labels file with one class name per line, one per class")
+    model, x = _to_onnx_model(loaded.model, settings)
+    model = _simplify(model)
+    model.producer_name, model.producer_version = "rexport", __import__("rexport").__version__
+    meta = {METADATA_KEY: spec.to_json(), "rexport.model": settings.model,
+            "rexport.num_classes": str(loaded.num_classes),
+            "rexport.weights_sha256": loaded.weights_sha256 or f"random-init-seed-{settings.seed}"}
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(model, full_check=True)
+    model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+
+    data = model.SerializeToString()
+    if len(data) >= 2**31 - 1:  # protobuf limit; no ResNet here comes close (resnet152 is 240 MB)
+        raise InputError("model is larger than 2 GB and cannot be one ONNX file", "use a smaller model")
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        ref = loaded.model(x).numpy()
+    got = session.run(None, {"input": x.numpy()})[0]
+    with atomic_path(out_path) as tmp:
+        tmp.write_bytes(data)
+    ops: dict[str, int] = {}
+    for n in model.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return {
+        "model": settings.model, "num_classes": loaded.num_classes, "random_weights": loaded.random_init,
+        "weights_sha256": loaded.weights_sha256, "opset": settings.opset, "batch": settings.batch,
+        "nodes": len(model.graph.node), "ops": ops, "size_mb": round(len(data) / 1e6, 3),
+        "smoke_max_abs_error": float(np.abs(got - ref).max()),
+    }
+
+
+def run_export(run: RunDir, settings: ExportSettings, *, force: bool = False) -> dict:
+    """The export stage: writes onnx/model.fp32.onnx and records it in the manifest."""
+    rel = VARIANT_FILES["fp32"]
+    record = settings.to_record()
+
+    def action() -> StageOutcome:
+        summary = export_onnx(settings, run.file(rel))
+        return StageOutcome(outputs=[rel], summary=summary)
+
+    rec = run.run_stage("export", inputs={"weights": settings.weights}, settings=record, action=action, force=force)
+    run.manifest["model"] = settings.model
+    run.manifest["preprocess"] = settings.preprocess.to_dict()
+    run.save()
+    return rec
+
+
+def read_labels(path: str | os.PathLike) -> tuple[str, ...]:
+    """Class names, one per line (blank lines ignored)."""
+    p = Path(path)
+    try:
+        labels = tuple(line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read labels file {p}: {getattr(e, 'strerror', None) or e}",
+                         "pass a UTF-8 text file with one class name per line") from None
+    if not labels:
+        raise InputError(f"labels file {p} is empty", "pass one class name per line")
+    return labels
+
+
+def export_settings_from_options(*, model: str, weights: str | None, num_classes: int | None,
+                                 trust_checkpoint: bool, seed: int, opset: int | None, input_size: int,
+                                 resize: int | None, mean, std, bgr: bool, labels: str | None,
+                                 batch: str) -> ExportSettings:
+    """ExportSettings from CLI-style options (defaults filled in, labels read)."""
+    spec = PreprocessSpec(
+        input_size=input_size,
+        resize=resize if resize is not None else round(input_size * 256 / 224),
+        mean=tuple(mean) if mean else PreprocessSpec.mean,
+        std=tuple(std) if std else PreprocessSpec.std,
+        channel_order="BGR" if bgr else "RGB",
+        labels=read_labels(labels) if labels else None,
+    )
+    if weights is not None and not Path(weights).is_file():
+        raise InputError(f"checkpoint {weights} not found", "pass an existing .pth/.pt/.safetensors file")
+    return ExportSettings(model=model, weights=str(weights) if weights else None, num_classes=num_classes,
+                          trust_checkpoint=trust_checkpoint, seed=seed,
+                          opset=DEFAULT_OPSET if opset is None else opset, batch=str(batch), preprocess=spec)

@@ -1,0 +1,287 @@
+"""Validate stage: run a variant on the same inputs as the PyTorch FP32 reference and measure
+how far its logits are.
+
+Metrics (all per batch size, then the worst over batch sizes):
+- ``max_abs``: max |y - ref| over all logits.
+- ``err_over_max``: max_abs / max|ref|, the FP32 export criterion (<= 1e-4).
+- ``rel_to_range``: per sample, max |y - ref| / (max(ref) - min(ref)); the worst sample.
+  Error relative to the spread of the logits stays meaningful for a random-weight model,
+  whose logits are nearly uniform.
+- ``max_rel``: max |y - ref| / max(|ref|, 1e-3 max|ref|) per element (informative only).
+- ``cosine_min`` / ``cosine_mean``: cosine similarity of each sample's logit vector.
+- ``top1_agreement``: share of samples whose top-1 class equals the reference's;
+  ``top5_agreement``: share whose reference top-1 class is in the variant's top 5.
+  Top-1 agreement is noise when the reference's logits are nearly uniform, so it is gated
+  only for FP32 by default.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rexport.core.errors import InputError
+from rexport.core.fsio import atomic_write_json
+from rexport.core.preprocess import PreprocessSpec, list_images
+from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
+from rexport.pipeline.runners import OnnxRuntimeRunner, Runner
+from rexport.pipeline.variants import (REFERENCE, engine_dirs, list_variants, load_reference, open_variant,
+                                       source_variant, variant_precision)
+
+#: Default pass criteria per precision: metric -> (comparison, bound).
+TOLERANCES: dict[str, dict[str, tuple[str, float]]] = {
+    "fp32": {"err_over_max": ("<=", 1e-4), "cosine_min": (">=", 0.99999), "top1_agreement": (">=", 0.99)},
+    "fp16": {"rel_to_range": ("<=", 0.02), "cosine_min": (">=", 0.999)},
+    "bf16": {"rel_to_range": ("<=", 0.06), "cosine_min": (">=", 0.995)},
+    "int8": {"rel_to_range": ("<=", 0.15), "cosine_min": (">=", 0.98)},
+}
+#: An engine against the ONNX file it was compiled from: it must match that file closely.
+SOURCE_TOLERANCES: dict[str, dict[str, tuple[str, float]]] = {
+    "fp32": {"err_over_max": ("<=", 1e-4), "cosine_min": (">=", 0.99999)},
+    "fp16": {"rel_to_range": ("<=", 0.01), "cosine_min": (">=", 0.9995)},
+    "bf16": {"rel_to_range": ("<=", 0.06), "cosine_min": (">=", 0.995)},
+    "int8": {"rel_to_range": ("<=", 0.08), "cosine_min": (">=", 0.99)},
+}
+
+
+@dataclass(frozen=True)
+class ValidateSettings:
+    data: str = "synthetic"                 # "synthetic" or an image folder
+    samples: int = 16
+    batch_sizes: tuple[int, ...] = (1, 8)
+    seed: int = 0
+    tolerances: dict[str, float] = field(default_factory=dict)   # metric -> bound overrides
+    per_layer: bool = True
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise InputError("--samples and --batch-sizes must be positive", "e.g. --samples 16 --batch-sizes 1,8")
+        unknown = set(self.tolerances) - {m for t in TOLERANCES.values() for m in t}
+        if unknown:
+            raise InputError(f"unknown tolerance {sorted(unknown)[0]!r}",
+                             "use err_over_max, rel_to_range, cosine_min or top1_agreement")
+
+
+def make_inputs(spec: PreprocessSpec, settings: ValidateSettings) -> tuple[np.ndarray, dict]:
+    """The validation inputs: real images preprocessed as the model's metadata says, or seeded noise."""
+    if settings.data == "synthetic":
+        rng = np.random.default_rng(settings.seed)
+        x = rng.standard_normal((settings.samples, *spec.input_shape), dtype=np.float32)
+        return x, {"kind": "synthetic", "source": f"seeded normal noise (seed {settings.seed})",
+                   "samples": settings.samples}
+    root = Path(settings.data)
+    if not root.is_dir():
+        raise InputError(f"validation data {root} is not a folder", "pass an image folder or 'synthetic'")
+    files = list_images(root)[: settings.samples]
+    arrays, bad = [], 0
+    for f in files:
+        try:
+            arrays.append(spec.load_image(f))
+        except Exception:  # PIL raises many types for broken files
+            bad += 1
+    if not arrays:
+        raise InputError(f"no usable images in {root}", "pass a folder of jpg/png/bmp/webp images or 'synthetic'")
+    return np.stack(arrays), {"kind": "images", "source": str(root), "samples": len(arrays), "unreadable": bad}
+
+
+def compare_logits(y: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    y, ref = y.astype(np.float64), ref.astype(np.float64)
+    if y.shape != ref.shape:
+        raise InputError(f"output shape {y.shape} differs from the reference's {ref.shape}",
+                         "check --num-classes and the model the variant was made from")
+    diff = np.abs(y - ref)
+    peak = float(np.abs(ref).max()) or 1.0
+    spread = np.maximum(ref.max(axis=1) - ref.min(axis=1), 1e-12)
+    cos = (y * ref).sum(1) / np.maximum(np.linalg.norm(y, axis=1) * np.linalg.norm(ref, axis=1), 1e-30)
+    top1_ref = ref.argmax(1)
+    k = min(5, ref.shape[1])
+    top5_y = np.argsort(-y, axis=1)[:, :k]
+    return {
+        "max_abs": float(diff.max()),
+        "err_over_max": float(diff.max() / peak),
+        "rel_to_range": float((diff.max(axis=1) / spread).max()),
+        "max_rel": float((diff / np.maximum(np.abs(ref), 1e-3 * peak)).max()),
+        "cosine_min": float(cos.min()),
+        "cosine_mean": float(cos.mean()),
+        "top1_agreement": float((y.argmax(1) == top1_ref).mean()),
+        "top5_agreement": float((top5_y == top1_ref[:, None]).any(1).mean()),
+    }
+
+
+def worst(per_batch: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The worst value of each metric over batch sizes (min for similarities, max for errors)."""
+    keys = next(iter(per_batch.values())).keys()
+    lower_is_worse = ("cosine_min", "cosine_mean", "top1_agreement", "top5_agreement")
+    return {k: (min if k in lower_is_worse else max)(m[k] for m in per_batch.values()) for k in keys}
+
+
+def check(metrics: dict[str, float], tolerances: dict[str, tuple[str, float]]) -> list[str]:
+    failures = []
+    for name, (op, bound) in tolerances.items():
+        v = metrics[name]
+        ok = v <= bound if op == "<=" else v >= bound
+        if not ok:
+            failures.append(f"{name} {v:.4g} not {op} {bound:g}")
+    return failures
+
+
+def tolerances_for(precision: str, overrides: dict[str, float], table=TOLERANCES) -> dict[str, tuple[str, float]]:
+    base = dict(table.get(precision, table["int8"]))
+    for name, bound in overrides.items():
+        op = "<=" if name in ("err_over_max", "rel_to_range") else ">="
+        base[name] = (op, float(bound))
+    return base
+
+
+def run_batches(runner: Runner, x: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([runner.infer(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def per_layer_errors(fp32_path: Path, int8_path: Path, x: np.ndarray, limit: int = 8) -> list[dict]:
+    """Error of each quantized layer's output (Conv/Gemm/Add outputs that exist, by name, in both
+    models) in the INT8 model against the FP32 model, on the validation inputs."""
+    import onnx
+    import onnxruntime as ort
+
+    def with_outputs(path: Path, names: list[str]) -> bytes:
+        m = onnx.load(str(path))
+        have = {o.name for o in m.graph.output}
+        for n in names:
+            if n not in have:
+                m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+        return m.SerializeToString()
+
+    int8 = onnx.load(str(int8_path), load_external_data=False)
+    fp32 = onnx.load(str(fp32_path), load_external_data=False)
+    fp32_outputs = {o for n in fp32.graph.node for o in n.output}
+    dq_outputs = {o for n in int8.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    layers = [(n.name or n.output[0], n.output[0]) for n in int8.graph.node
+              if n.op_type in ("Conv", "Gemm", "MatMul", "Add") and n.output[0] in fp32_outputs
+              and any(i in dq_outputs for i in n.input)]
+    if not layers:
+        return []
+    names = [t for _, t in layers]
+    xs = x[:limit]
+    results = []
+    outs = {}
+    for key, path in (("fp32", fp32_path), ("int8", int8_path)):
+        s = ort.InferenceSession(with_outputs(path, names), providers=["CPUExecutionProvider"])
+        wanted = [o.name for o in s.get_outputs()]
+        got = s.run(None, {s.get_inputs()[0].name: xs})
+        outs[key] = dict(zip(wanted, got))
+    for layer, tensor in layers:
+        a = outs["fp32"][tensor].astype(np.float64).ravel()
+        b = outs["int8"][tensor].astype(np.float64).ravel()
+        rel = float(np.linalg.norm(b - a) / max(np.linalg.norm(a), 1e-30))
+        cos = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+        results.append({"layer": layer, "tensor": tensor, "rel_error": rel, "cosine": cos})
+    return results
+
+
+def validate_runner(runner: Runner, x: np.ndarray, refs: dict[int, np.ndarray], settings: ValidateSettings,
+                    precision: str, table=TOLERANCES) -> dict:
+    per_batch = {}
+    with runner:
+        for b in settings.batch_sizes:
+            per_batch[str(b)] = compare_logits(run_batches(runner, x, b), refs[b])
+    metrics = worst(per_batch)
+    tol = tolerances_for(precision, settings.tolerances, table)
+    failures = check(metrics, tol)
+    return {"batches": per_batch, "metrics": metrics,
+            "tolerances": {k: f"{op} {v:g}" for k, (op, v) in tol.items()},
+            "passed": not failures, "failures": failures}
+
+
+def validate_variant(run: RunDir, variant: str, settings: ValidateSettings, *, x: np.ndarray, inputs: dict,
+                     reference: np.ndarray) -> dict:
+    precision = variant_precision(variant)
+    refs = {b: reference for b in settings.batch_sizes}
+    runner = open_variant(run, variant)
+    result = {"variant": variant, "precision": precision, "reference": REFERENCE, "inputs": inputs,
+              "random_weights": bool(run.require_export()["summary"].get("random_weights"))}
+    result.update(validate_runner(runner, x, refs, settings, precision))
+    result["against_source"] = None
+    src = source_variant(run, variant)
+    if src is not None:
+        src_runner = OnnxRuntimeRunner(run.file(VARIANT_FILES[src]), name=src)
+        with src_runner:
+            src_logits = run_batches(src_runner, x, max(settings.batch_sizes))
+        against = validate_runner(open_variant(run, variant), x, {b: src_logits for b in settings.batch_sizes},
+                                  settings, precision, SOURCE_TOLERANCES)
+        result["against_source"] = {"variant": src, **against}
+        if not against["passed"]:
+            result["passed"] = False
+            result["failures"] += [f"vs {src} ONNX: {f}" for f in against["failures"]]
+    result["per_layer"] = []
+    if variant == "int8" and settings.per_layer:
+        result["per_layer"] = per_layer_errors(run.file(VARIANT_FILES["fp32"]), run.file(VARIANT_FILES["int8"]), x)
+    return result
+
+
+def validate_onnx_file(path: str | os.PathLike, run: RunDir, settings: ValidateSettings) -> dict:
+    """Validate an arbitrary ONNX file (``--onnx FILE``) against the run's PyTorch reference."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p} not found", "pass an existing .onnx file")
+    spec = PreprocessSpec.from_onnx(p)
+    x, inputs = make_inputs(spec, settings)
+    ref = _reference_logits(run, x)
+    precision = "fp16" if "fp16" in p.name else "int8" if "int8" in p.name else "fp32"
+    refs = {b: ref for b in settings.batch_sizes}
+    res = {"variant": p.name, "precision": precision, "reference": REFERENCE, "inputs": inputs,
+           "random_weights": bool(run.require_export()["summary"].get("random_weights"))}
+    res.update(validate_runner(OnnxRuntimeRunner(p), x, refs, settings, precision))
+    res["against_source"], res["per_layer"] = None, []
+    return res
+
+
+def _reference_logits(run: RunDir, x: np.ndarray) -> np.ndarray:
+    from rexport.pipeline.runners import TorchRunner
+
+    with TorchRunner(load_reference(run).model) as ref:
+        return run_batches(ref, x, 8)
+
+
+def run_validate(run: RunDir, settings: ValidateSettings, variants: list[str] | None = None,
+                 *, force: bool = False) -> list[dict]:
+    """The validate stage: one ``validate/<variant>.json`` per variant, recorded in the manifest."""
+    run.require_export()
+    present = list_variants(run, reference=False)
+    if variants is None:
+        variants = present
+    for v in variants:
+        if v not in present:
+            raise InputError(f"variant {v!r} is not in {run.path}", f"available: {', '.join(present)}")
+    spec = PreprocessSpec.from_onnx(run.file(VARIANT_FILES["fp32"]))
+    cache: dict = {}
+
+    def prepared():
+        if not cache:
+            x, inputs = make_inputs(spec, settings)
+            cache.update(x=x, inputs=inputs, ref=_reference_logits(run, x))
+        return cache
+
+    records = []
+    for v in variants:
+        rel = f"validate/{v}.json"
+        artifact = run.file(VARIANT_FILES[v]) if v in VARIANT_FILES else engine_dirs(run)[v] / "sidecar.json"
+        inputs = {"artifact": artifact, "fp32": run.file(VARIANT_FILES["fp32"]),
+                  "data": settings.data if settings.data == "synthetic" else Path(settings.data)}
+        stage_settings = {"data": settings.data, "samples": settings.samples, "batch_sizes": list(settings.batch_sizes),
+                          "seed": settings.seed, "tolerances": settings.tolerances, "per_layer": settings.per_layer,
+                          "export": run.stage("export").get("outputs")}
+
+        def action(v=v, rel=rel) -> StageOutcome:
+            c = prepared()
+            result = validate_variant(run, v, settings, x=c["x"], inputs=c["inputs"], reference=c["ref"])
+            atomic_write_json(run.file(rel), result)
+            return StageOutcome(outputs=[rel], summary={"passed": result["passed"], "metrics": result["metrics"],
+                                                        "failures": result["failures"]},
+                                status="ok" if result["passed"] else "failed",
+                                reason="; ".join(result["failures"]) or None)
+
+        rec = run.run_stage(f"validate:{v}", inputs=inputs, settings=stage_settings, action=action, force=force)
+        records.append({"variant": v, **rec})
+    return records

@@ -1,0 +1,71 @@
+"""Variant names and how to open each one as a Runner.
+
+``pytorch`` (the FP32 reference), ``fp32``/``fp16``/``int8`` (the ONNX files) and
+``<backend>-<precision>`` engines (``openvino-int8``, ``tensorrt-fp16``...).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rexport.core.errors import InputError
+from rexport.pipeline.manifest import VARIANT_FILES, RunDir
+from rexport.pipeline.runners import OnnxRuntimeRunner, Runner, TorchRunner
+
+REFERENCE = "pytorch"
+
+
+def engine_dirs(run: RunDir) -> dict[str, Path]:
+    """Engines present in the run: name -> folder holding sidecar.json."""
+    root = run.path / "engines"
+    if not root.is_dir():
+        return {}
+    return {d.name: d for d in sorted(root.iterdir()) if d.is_dir() and (d / "sidecar.json").exists()}
+
+
+def list_variants(run: RunDir, *, reference: bool = True) -> list[str]:
+    """Every variant present in the run, in pipeline order."""
+    return ([REFERENCE] if reference else []) + run.variants() + list(engine_dirs(run))
+
+
+def variant_precision(variant: str) -> str:
+    """The numeric precision of a variant: fp32 for the reference, the suffix for engines."""
+    if variant == REFERENCE:
+        return "fp32"
+    return variant.rsplit("-", 1)[-1]
+
+
+def source_variant(run: RunDir, variant: str) -> str | None:
+    """The ONNX variant an engine was compiled from (None for ONNX variants and the reference)."""
+    d = engine_dirs(run).get(variant)
+    if d is None:
+        return None
+    from rexport.pipeline.backends.sidecar import read_sidecar
+
+    return read_sidecar(d)["source_onnx"]["variant"]
+
+
+def load_reference(run: RunDir):
+    """The PyTorch FP32 model exactly as the export stage built it (same weights or same seed)."""
+    from rexport.models.checkpoint import load_model
+
+    st = run.require_export()
+    s = st["settings"]
+    return load_model(s["model"], s.get("weights"), num_classes=s.get("num_classes"),
+                      trust_checkpoint=s.get("trust_checkpoint", False), seed=s.get("seed", 0))
+
+
+def open_variant(run: RunDir, variant: str, *, threads: int | None = None) -> Runner:
+    """A runner for ``variant`` (not yet activated: use it as a context manager)."""
+    if variant == REFERENCE:
+        return TorchRunner(load_reference(run).model, threads=threads)
+    if variant in VARIANT_FILES:
+        path = run.require(VARIANT_FILES[variant], f"rexport quantize --precision {variant}"
+                           if variant != "fp32" else "rexport export")
+        return OnnxRuntimeRunner(path, threads=threads, name=variant)
+    engines = engine_dirs(run)
+    if variant in engines:
+        from rexport.pipeline.backends.sidecar import load_engine
+
+        return load_engine(engines[variant], threads=threads)
+    raise InputError(f"unknown variant {variant!r} in {run.path}",
+                     f"available: {', '.join(list_variants(run))}")

@@ -1,0 +1,128 @@
+"""The preprocessing spec: stored in the ONNX metadata and the manifest, used identically by
+calibration, validation, evaluation, inference and the deployment bundle."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from rexport.core.errors import InputError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+             "nearest": Image.Resampling.NEAREST}
+METADATA_KEY = "rexport.preprocess"
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Resize the shorter side to ``resize``, centre-crop ``input_size``, scale to [0, 1],
+    normalise with ``mean``/``std`` per channel, lay out as NCHW float32."""
+
+    input_size: int = 224
+    resize: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    channel_order: str = "RGB"
+    interpolation: str = "bilinear"
+    labels: tuple[str, ...] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.input_size < 1 or self.resize < self.input_size:
+            raise InputError(f"bad preprocessing: resize {self.resize} must be >= input size {self.input_size} > 0",
+                             "pass --resize >= --input-size")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise InputError("bad preprocessing: --mean and --std take three values, std > 0",
+                             "e.g. --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise InputError(f"bad channel order {self.channel_order!r}", "use RGB or BGR")
+        if self.interpolation not in _RESAMPLE:
+            raise InputError(f"bad interpolation {self.interpolation!r}", f"use one of {sorted(_RESAMPLE)}")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, self.input_size, self.input_size)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["labels"] = list(self.labels) if self.labels is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        for k in ("mean", "std"):
+            if k in known:
+                known[k] = tuple(float(v) for v in known[k])
+        if known.get("labels") is not None:
+            known["labels"] = tuple(known["labels"])
+        return cls(**known)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike) -> "PreprocessSpec":
+        """Read the spec from an ONNX file's metadata_props (without loading its weights)."""
+        import onnx
+
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # onnx raises DecodeError, OSError, ...
+            raise InputError(f"{path} is not a readable ONNX model ({type(e).__name__})",
+                             "pass an .onnx file written by 'rexport export'") from None
+        for prop in model.metadata_props:
+            if prop.key == METADATA_KEY:
+                return cls.from_dict(json.loads(prop.value))
+        return cls()
+
+    # -- images -------------------------------------------------------------------------
+
+    def load_image(self, path: str | os.PathLike) -> np.ndarray:
+        """Read one image file (any mode: L, RGBA, CMYK, 16-bit, palette) into a CHW float32 array."""
+        with Image.open(path) as img:
+            img.load()
+            return self.preprocess(img)
+
+    def preprocess(self, img: Image.Image) -> np.ndarray:
+        img = to_rgb(img)
+        w, h = img.size
+        if w <= h:
+            nw, nh = self.resize, max(self.resize, round(h * self.resize / w))
+        else:
+            nw, nh = max(self.resize, round(w * self.resize / h)), self.resize
+        img = img.resize((nw, nh), _RESAMPLE[self.interpolation])
+        left, top = (nw - self.input_size) // 2, (nh - self.input_size) // 2
+        img = img.crop((left, top, left + self.input_size, top + self.input_size))
+        x = np.asarray(img, dtype=np.float32) / 255.0
+        if self.channel_order == "BGR":
+            x = x[..., ::-1]
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL image to 8-bit RGB: 16-bit and 32-bit grey are scaled, alpha is dropped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / peak * 255.0, 0, 255).astype(np.uint8)
+        img = Image.fromarray(a, mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        return img.convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """Every image file under ``root``, recursively, in a stable order."""
+    root = Path(root)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

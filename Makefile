@@ -30,7 +30,7 @@ engine: install
 	  --backend $(BACKEND) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(VAL),--val-data $(VAL)) $(ARGS)
 
 demo: install
-	$(BIN)/python -m rexport.pipeline.demo --out artifacts/demo
+	$(BIN)/python -m rexport.demo --out artifacts/demo
 
 test: install
 	$(BIN)/python -m pytest -q

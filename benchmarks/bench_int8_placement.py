@@ -9,8 +9,9 @@ anchor: OpenVINO's own INT8), and times everything with OpenVINO on the CPU next
     .venv/bin/python benchmarks/bench_int8_placement.py --models resnet18 --seconds 2
 
 Latency mode: one synchronous infer request, PERFORMANCE_HINT=LATENCY (all cores on one request),
-static input shape per batch size, warm-up then ``--seconds`` of back-to-back runs; img/s = batch /
-median latency. FP32 rows use INFERENCE_PRECISION_HINT=f32; the INT8 rows keep OpenVINO's default for the
+static input shape per batch size. The configurations are timed round-robin (``--rounds`` rounds of
+``--seconds`` each) so background load hits all of them alike; img/s = batch / the best round's median
+latency, and every round's median is kept in the JSON. FP32 rows use INFERENCE_PRECISION_HINT=f32; the INT8 rows keep OpenVINO's default for the
 layers left in float (bf16 on CPUs with AVX512-BF16), the same for ours and NNCF's.
 Needs nncf (dev extra). Run nothing else meanwhile: the numbers are only as quiet as the machine.
 """
@@ -42,9 +43,8 @@ SIZE = 224
 VARIANTS: dict[str, QdqSettings] = {
     "ours": QdqSettings(),
     "ours-int8w": QdqSettings(int8_weights=True),
-    "ours-add-both": QdqSettings(residual_add="both"),
-    "ours-add-none": QdqSettings(residual_add="none"),
-    "ours-pool-in": QdqSettings(quantize_pool_inputs=True),
+    "ours-add-residual": QdqSettings(residual_add="residual"),
+    "ours-pool-float": QdqSettings(quantize_pool_inputs=False),
     "ours-fc-float": QdqSettings(quantize_classifier=False),
 }
 
@@ -107,40 +107,63 @@ def nncf_int8(fp32: Path, batches: list[np.ndarray]):
                          subset_size=len(samples))
 
 
-def time_openvino(model, batch: int, seconds: float, config: dict) -> dict:
+def ort_quantizer_int8(fp32: Path, out: Path, batches: list[np.ndarray]) -> Path:
+    """ONNX Runtime's own static Q/DQ quantizer, symmetric, per-channel: a second peer."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter([{"input": x} for x in batches])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    return out
+
+
+def openvino_runner(model, batch: int, config: dict):
+    """A compiled model at a static batch size; returns a no-argument callable that runs one batch."""
     import openvino as ov
 
     core = ov.Core()
-    if isinstance(model, (str, Path)):
-        model = core.read_model(str(model))
-    else:
-        model = model.clone()
+    model = core.read_model(str(model)) if isinstance(model, (str, Path)) else model.clone()
     model.reshape({model.inputs[0].get_any_name(): [batch, 3, SIZE, SIZE]})
-    compiled = core.compile_model(model, "CPU", config)
-    request = compiled.create_infer_request()
+    request = core.compile_model(model, "CPU", config).create_infer_request()
     x = np.random.default_rng(2).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
-    return _time(lambda: request.infer({0: x}), batch, seconds)
+    return lambda: request.infer({0: x})
 
 
-def time_ort(path: Path, batch: int, seconds: float) -> dict:
+def ort_runner(path: Path, batch: int):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(2).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
-    return _time(lambda: sess.run(None, {"input": x}), batch, seconds)
+    return lambda: sess.run(None, {"input": x})
 
 
-def _time(fn, batch: int, seconds: float) -> dict:
-    for _ in range(3):
-        fn()
-    lat = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(lat) < 10:
-        t0 = time.perf_counter()
-        fn()
-        lat.append(time.perf_counter() - t0)
-    lat.sort()
-    median = statistics.median(lat)
-    return {"img_per_s": round(batch / median, 1), "median_ms": round(median * 1e3, 2),
-            "p90_ms": round(lat[int(0.9 * (len(lat) - 1))] * 1e3, 2), "runs": len(lat)}
+def time_interleaved(runners: dict[str, object], batch: int, seconds: float, rounds: int) -> dict[str, dict]:
+    """Round-robin over the configurations, ``seconds`` each per round; a busy machine then slows every
+    configuration alike. The headline is the best round's median latency."""
+    for fn in runners.values():
+        for _ in range(3):
+            fn()
+    medians: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(rounds):
+        for label, fn in runners.items():
+            lat = []
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end or len(lat) < 5:
+                t0 = time.perf_counter()
+                fn()
+                lat.append(time.perf_counter() - t0)
+            medians[label].append(statistics.median(lat))
+    out = {}
+    for label, m in medians.items():
+        best = min(m)
+        out[label] = {"img_per_s": round(batch / best, 1), "median_ms": round(best * 1e3, 2),
+                      "round_medians_ms": [round(v * 1e3, 2) for v in m]}
+    return out
 
 
 def openvino_logits(model, x: np.ndarray) -> np.ndarray:
@@ -171,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet18,resnet50")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--seconds", type=float, default=3.0, help="timed seconds per configuration")
+    ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per configuration and round")
+    ap.add_argument("--rounds", type=int, default=3, help="round-robin rounds over the configurations")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="which of our placements to time")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--workdir", type=Path, default=None, help="keep the ONNX files here (default: a temp dir)")
@@ -202,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 reports[vname] = {"settings": asdict(settings), "qdq_pairs": rep.qdq_pairs,
                                   "activation_qdq": len(rep.activation_amax), "size_bytes": rep.size_bytes}
             t0 = time.perf_counter()
+            models["ort-quantizer"] = ort_quantizer_int8(fp32, work / f"{name}.ort-quantizer.onnx", calib)
             models["nncf"] = nncf_int8(fp32, calib)
             print(f"[{name}] nncf.quantize in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
@@ -210,12 +235,11 @@ def main(argv: list[str] | None = None) -> int:
             cos = {v: round(cosine(ref, openvino_logits(m, x)), 5) for v, m in models.items()}
 
             for batch in batches:
-                configs = [("ort-fp32", lambda b=batch: time_ort(fp32, b, args.seconds)),
-                           ("ov-fp32", lambda b=batch: time_openvino(fp32, b, args.seconds, fp32_cfg))]
-                configs += [(f"ov-{v}", lambda m=m, b=batch: time_openvino(m, b, args.seconds, int8_cfg))
-                            for v, m in models.items()]
-                for label, run in configs:
-                    r = run()
+                runners = {"ort-fp32": ort_runner(fp32, batch), "ov-fp32": openvino_runner(fp32, batch, fp32_cfg)}
+                runners.update({f"ov-{v}": openvino_runner(m, batch, int8_cfg) for v, m in models.items()})
+                timed = time_interleaved(runners, batch, args.seconds, args.rounds)
+                del runners
+                for label, r in timed.items():
                     variant = label.removeprefix("ov-")
                     row = {"model": name, "batch": batch, "config": label, **r}
                     if variant in cos:
@@ -223,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                     if variant in reports:
                         row.update(reports[variant])
                     rows.append(row)
-                    print(f"[{name} b{batch}] {label:18s} {r['img_per_s']:8.1f} img/s  "
-                          f"median {r['median_ms']:.2f} ms", file=sys.stderr)
+                    print(f"[{name} b{batch}] {label:20s} {r['img_per_s']:8.1f} img/s  "
+                          f"rounds {r['round_medians_ms']} ms", file=sys.stderr)
 
     for row in rows:
         base = {(r["model"], r["batch"], r["config"]): r["img_per_s"] for r in rows}
@@ -234,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
             row["x_nncf"] = round(row["img_per_s"] / nncf_speed, 3)
     result = {"what": "OpenVINO CPU speed of INT8 Q/DQ placements vs NNCF INT8 and FP32 (img/s = batch/median)",
               "environment": env, "timing": {"mode": "latency: 1 sync request, PERFORMANCE_HINT=LATENCY, "
-                                             "static shape per batch", "seconds_per_config": args.seconds,
+                                             "static shape per batch; configurations interleaved round-robin, "
+                                             "best round's median reported", "seconds_per_config_and_round":
+                                             args.seconds, "rounds": args.rounds,
+                                             "load_average_at_end": os.getloadavg(),
                                              "fp32_config": fp32_cfg, "int8_config": int8_cfg},
               "calibration": "min-max amax over 4 random-normal batches of 8 (ours and NNCF see the same 32 images)",
               "rows": rows}

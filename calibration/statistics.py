@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -101,15 +104,15 @@ class ActivationStatistics:
     tensors: dict[str, TensorStatistics] = field(default_factory=dict)
     samples: int = 0
 
-    def update(self, name: str, x: np.ndarray, *, owned: bool) -> None:
-        """Fold one batch of tensor ``name`` in; ``owned`` arrays may be overwritten."""
+    def update(self, name: str, lo: float, hi: float, x: np.ndarray | None = None, *, owned: bool = False) -> None:
+        """Fold one batch of tensor ``name`` in: its min ``lo`` and max ``hi`` and, for histograms, its
+        values ``x`` (overwritten when ``owned``)."""
         st = self.tensors[name]
-        lo, hi = float(x.min()), float(x.max())
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise InputError(f"activation {name!r} has NaN or infinite values on the calibration data",
                              "check the model and the calibration data (preprocessing, dtype)")
         st.min, st.max = min(st.min, lo), max(st.max, hi)
-        if st.histogram is not None:
+        if st.histogram is not None and x is not None:
             a = x if owned else x.copy()
             if lo < 0:
                 np.abs(a, out=a)
@@ -136,21 +139,89 @@ def activation_tensors(model) -> tuple[list[str], dict[str, int]]:
     return inputs, activations
 
 
-def _augmented_session(model, activations: dict[str, int]):
-    """An ORT CPU session of ``model`` with every activation added as a graph output."""
+def _augmented_session(model, activations: dict[str, int], *, values: bool):
+    """An ORT CPU session of ``model`` whose outputs are, per activation, its min and max (reduced in
+    the graph, on all cores) and, when ``values``, the activation itself. Returns (session, names)."""
     import onnx
     import onnxruntime as ort
 
-    existing = {o.name for o in model.graph.output}
-    for name, elem_type in activations.items():
-        if name not in existing:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
+    g = model.graph
+    taken = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {i.name for i in g.initializer}
+    outputs: list[tuple[str, str, str | None]] = []  # (min name, max name, value name or None)
+    del g.output[:]
+    for n, (name, elem_type) in enumerate(activations.items()):
+        lo, hi = f"rexport_calib_min_{n}", f"rexport_calib_max_{n}"
+        if lo in taken or hi in taken:
+            raise InputError(f"the model already has a tensor named {lo!r} or {hi!r}", "rename it")
+        g.node.append(onnx.helper.make_node("ReduceMin", [name], [lo], keepdims=0))
+        g.node.append(onnx.helper.make_node("ReduceMax", [name], [hi], keepdims=0))
+        g.output.append(onnx.helper.make_tensor_value_info(lo, elem_type, []))
+        g.output.append(onnx.helper.make_tensor_value_info(hi, elem_type, []))
+        if values:
+            g.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
+        outputs.append((lo, hi, name if values else None))
     opts = ort.SessionOptions()
-    # With every activation a graph output ORT can fuse nothing away anyway; BASIC also avoids the
-    # NCHWc layout reorders ENABLE_ALL would put in front of each exposed output.
+    # Every activation has a consumer outside its own subgraph now, so ORT can fuse little away; BASIC
+    # also avoids the NCHWc layout reorders ENABLE_ALL would put in front of each exposed output.
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [n for triple in outputs for n in triple if n is not None]
+    return session, names
+
+
+_DONE = object()
+
+
+def _run_batches(session, names: list[str], reader: CalibrationReader, total: int, model_name: str,
+                 in_flight: int = 2) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+    """Yield (input batch, outputs) for up to ``total`` samples. A worker thread reads and runs the
+    next batch while the caller folds in the last one; at most ``in_flight`` batches of outputs are
+    alive at once, which is what bounds memory."""
+    slots = threading.Semaphore(in_flight)
+    results: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def work() -> None:
+        done = 0
+        try:
+            while done < total and not stop.is_set():
+                slots.acquire()
+                if stop.is_set():
+                    break
+                feed = reader.get_next()
+                if feed is None:
+                    break
+                x = feed[reader.input_name][: total - done]
+                try:
+                    outs = session.run(names, {reader.input_name: x})
+                except Exception as e:  # onnxruntime raises its own InvalidArgument / Fail types
+                    raise InputError(f"ONNX Runtime could not run {model_name} on a calibration batch of shape "
+                                     f"{tuple(x.shape)}: {str(e).splitlines()[0][:300]}",
+                                     "check the data's input size matches the model") from None
+                done += len(x)
+                results.put((x, outs))
+        except BaseException as e:  # handed to the caller's thread, raised there
+            results.put(e)
+        finally:
+            results.put(_DONE)
+
+    worker = threading.Thread(target=work, name="calibration-inference", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = results.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            del item
+            slots.release()
+    finally:
+        stop.set()
+        slots.release()
+        worker.join()
 
 
 def collect(fp32_onnx: str | os.PathLike, reader: CalibrationReader, *, histograms: bool, num_bins: int = 2048,
@@ -176,33 +247,27 @@ def collect(fp32_onnx: str | os.PathLike, reader: CalibrationReader, *, histogra
     stats = ActivationStatistics()
     for name in [*inputs, *activations]:
         stats.tensors[name] = TensorStatistics(histogram=AbsHistogram.empty(num_bins) if histograms else None)
-    session = _augmented_session(model, activations)
+    session, names = _augmented_session(model, activations, values=histograms)
     del model
-    names = list(activations)
+    per_tensor = 3 if histograms else 2
     total = len(reader) if max_samples is None else min(len(reader), max_samples)
     reader.rewind()
-    with tqdm(total=total, unit="img", desc="calibrating", disable=not progress, file=sys.stderr,
-              leave=False) as bar:
-        while stats.samples < total:
-            feed = reader.get_next()
-            if feed is None:
-                break
-            x = feed[reader.input_name]
-            if stats.samples + len(x) > total:
-                x = x[: total - stats.samples]
-            try:
-                outs = session.run(names, {reader.input_name: x})
-            except Exception as e:  # onnxruntime raises its own InvalidArgument / Fail types
-                raise InputError(f"ONNX Runtime could not run {fp32_onnx.name} on the calibration batch of shape "
-                                 f"{tuple(x.shape)}: {str(e).splitlines()[0][:300]}",
-                                 "check the input size matches the model") from None
-            stats.update(reader.input_name, x, owned=False)
-            for name, out in zip(names, outs):
-                stats.update(name, out, owned=True)
-            del outs
-            stats.samples += len(x)
-            bar.update(len(x))
-    reader.rewind()
+    try:
+        with tqdm(total=total, unit="img", desc="calibrating", disable=not progress, file=sys.stderr,
+                  leave=False) as bar:
+            for x, outs in _run_batches(session, names, reader, total, fp32_onnx.name):
+                stats.update(reader.input_name, float(x.min()), float(x.max()), x, owned=False)
+                for k, name in enumerate(activations):
+                    lo, hi = outs[per_tensor * k], outs[per_tensor * k + 1]
+                    values = outs[per_tensor * k + 2] if histograms else None
+                    stats.update(name, float(lo), float(hi), values, owned=True)
+                    if histograms:
+                        outs[per_tensor * k + 2] = None  # free each activation as soon as it is folded in
+                del outs
+                stats.samples += len(x)
+                bar.update(len(x))
+    finally:
+        reader.rewind()
     if stats.samples == 0:
         raise InputError("the calibration data yielded no samples", "pass a non-empty calibration set")
     return stats

@@ -8,6 +8,7 @@ shown as a skipped row, never silently dropped.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -90,7 +91,7 @@ def _one_line(e: BaseException) -> str:
 def _row(variant: str, backend: str, precision: str | None, batch: int, status: str, reason: str | None) -> dict:
     return {"variant": variant, "backend": backend, "precision": precision, "batch": batch,
             "status": status, "reason": reason, "p50_ms": None, "p90_ms": None, "p99_ms": None,
-            "mean_ms": None, "std_ms": None, "min_ms": None, "images_per_s": None, "iterations": 0,
+            "mean_ms": None, "std_ms": None, "min_ms": None, "max_ms": None, "images_per_s": None, "iterations": 0,
             "timed_s": None, "stable": None, "stop": None, "runner_settings": {},
             "gpu_compute_ms": None, "speedup_vs_pytorch": None}
 
@@ -99,7 +100,7 @@ def _stats(samples_s: list[float]) -> dict:
     a = np.asarray(samples_s, dtype=np.float64) * 1000.0
     p50, p90, p99 = (float(v) for v in np.percentile(a, _PERCENTILES))
     return {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "mean_ms": float(a.mean()),
-            "std_ms": float(a.std()), "min_ms": float(a.min())}
+            "std_ms": float(a.std()), "min_ms": float(a.min()), "max_ms": float(a.max())}
 
 
 def _is_stable(samples: list[float], tol: float) -> bool:
@@ -109,8 +110,9 @@ def _is_stable(samples: list[float], tol: float) -> bool:
 
 
 def time_runner(runner, x: np.ndarray, settings: BenchSettings) -> dict:
-    """Warm up, then repeat synchronous calls until min_time and min_iters are reached and the
-    p50 is stable, or max_time has passed. Returns the timing part of a row."""
+    """Warm up, then repeat synchronous calls until min_time and min_iters are both reached and,
+    beyond that, until the p50 is stable or max_time has passed (min_iters wins over max_time).
+    Returns the timing part of a row."""
     for _ in range(settings.warmup):
         runner.infer(x)
     samples: list[float] = []
@@ -133,11 +135,11 @@ def time_runner(runner, x: np.ndarray, settings: BenchSettings) -> dict:
             if _is_stable(samples, settings.stability):
                 stop, stable = "stable", True
                 break
-        if elapsed >= settings.max_time:
+        if elapsed >= settings.max_time and len(samples) >= settings.min_iters:
             stable = len(samples) >= 2 and _is_stable(samples, settings.stability)
             break
     out = _stats(samples)
-    out.update(iterations=len(samples), timed_s=round(time.perf_counter() - start, 4), stable=stable, stop=stop)
+    out.update(iterations=len(samples), timed_s=round(elapsed, 4), stable=stable, stop=stop)
     if device_ms:
         d = np.asarray(device_ms)
         out["gpu_compute_ms"] = {"p50_ms": float(np.median(d)), "mean_ms": float(d.mean()),
@@ -163,8 +165,8 @@ def _skipped_builds(run: RunDir, present: set[str]) -> dict[str, str]:
         status = st.get("status")
         if status == "ok":
             continue
-        word = "skipped" if status == "skipped" else f"{kind} {status}"
-        out[target] = f"{word}: {st.get('reason') or 'no reason recorded'}"
+        reason = st.get("reason") or "no reason recorded"
+        out[target] = reason if status == "skipped" else f"{name} {status}: {reason}"
     return out
 
 
@@ -216,6 +218,13 @@ def _bench_variant(run: RunDir, variant: str, xs: dict[int, np.ndarray], setting
     return rows
 
 
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not available on this platform
+        return None
+
+
 def _say(progress: bool, msg: str) -> None:
     if progress:
         print(msg, file=sys.stderr, flush=True)
@@ -228,6 +237,7 @@ def run_bench(run: RunDir, settings: BenchSettings, *, progress: bool = True) ->
     (see ``bench_outcome``).
     """
     run.require_export()
+    load_before = _load_average()
     xs, input_info = _inputs(run, settings)
     present = list_variants(run)
     if settings.variants is not None:  # the reference first: it is the baseline of speedup_vs_pytorch
@@ -266,7 +276,10 @@ def run_bench(run: RunDir, settings: BenchSettings, *, progress: bool = True) ->
         "latency_definition": LATENCY_DEFINITION, "throughput_definition": THROUGHPUT_DEFINITION,
         "speedup_definition": SPEEDUP_DEFINITION, "percentiles": "numpy.percentile, linear interpolation; "
         "std is the population standard deviation of the per-call times",
-        "settings": settings.to_dict(), "input": input_info, "environment": environment(), "rows": rows,
+        "settings": settings.to_dict(), "input": input_info, "environment": environment(),
+        "load_average": {"before": load_before, "after": _load_average(),
+                         "note": "1-minute load average of the machine; above its core count other work competed"},
+        "rows": rows,
     }
     atomic_write_json(run.file(RESULTS_FILE), results)
     return results

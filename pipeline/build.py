@@ -8,6 +8,7 @@ build and its sidecar are complete. The caller holds the run lock.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +32,20 @@ def _precision_unavailable(b: Backend, precision: str) -> str | None:
     return check(precision) if check is not None else None
 
 
+def _source_variant(b: Backend, precision: str, settings: BuildSettings) -> str:
+    """The ONNX variant an engine is compiled from; TensorRT's depends on the settings (--legacy)."""
+    if len(inspect.signature(b.source_variant).parameters) >= 2:
+        return b.source_variant(precision, settings)
+    return b.source_variant(precision)
+
+
+def _unavailable_error(b: Backend, reason: str) -> MissingDependency:
+    make = getattr(b, "missing_dependency", None)
+    err = make() if make is not None else None
+    return err if err is not None else MissingDependency(f"{b.name}: {reason}",
+                                                         _INSTALL_HINT.get(b.name, f"install {b.name}"))
+
+
 def _source_hint(variant: str) -> str:
     return "run 'rexport export' first" if variant == "fp32" else f"run 'rexport quantize --precision {variant}' first"
 
@@ -49,20 +64,22 @@ def _calibration_cache(run: RunDir, b: Backend, precision: str) -> Path | None:
 def build_engines(run: RunDir, *, backend: str = "auto", precisions: Sequence[str] | None = None,
                   settings: BuildSettings = BuildSettings(), progress: bool = True,
                   skip_unavailable: bool = False) -> list[dict]:
-    """Build (or reuse) one engine per precision; return the stage records, each with its ``stage`` name.
+    """Build (or reuse) one engine per precision; return the stage records, each with its stage ``name``.
 
     ``precisions`` None means everything ``backend`` offers on this machine; what it cannot build
     here (a precision the CPU lacks, a variant not yet quantized) is recorded as skipped. Asked
     for explicitly, the same gaps are errors (exit 2), raised before anything is built.
-    ``skip_unavailable`` records a backend that cannot run here as skipped instead of raising.
+    ``skip_unavailable`` (``rexport run``) records all of these as skipped instead of raising,
+    the backend itself included when it cannot run here. An unknown precision always raises.
     """
     run.require_export()
     b = get_backend(backend)
     reason = b.unavailable_reason()
     if reason:
         if skip_unavailable:
-            return [{**run.record_skip(f"build:{b.name}", reason, {"backend": b.name}), "stage": f"build:{b.name}"}]
-        raise MissingDependency(f"{b.name}: {reason}", _INSTALL_HINT.get(b.name, f"install {b.name}"))
+            name = f"build:{b.name}"
+            return [{**run.record_skip(name, f"skipped: {reason}", {"backend": b.name}), "name": name}]
+        raise _unavailable_error(b, reason)
 
     explicit = precisions is not None
     wanted = list(dict.fromkeys(precisions)) if explicit else list(b.precisions)
@@ -77,11 +94,11 @@ def build_engines(run: RunDir, *, backend: str = "auto", precisions: Sequence[st
                              f"use {', '.join(b.precisions[:-1])} or {b.precisions[-1]}" if len(b.precisions) > 1
                              else f"use {b.precisions[0]}")
         why = _precision_unavailable(b, p)
-        variant = b.source_variant(p)
+        variant = _source_variant(b, p, settings)
         src = run.file(VARIANT_FILES[variant])
         if why is None and not src.is_file():
             why = f"{VARIANT_FILES[variant]} not found ({_source_hint(variant)})"
-            if explicit:
+            if explicit and not skip_unavailable:
                 raise InputError(f"{src} not found: the {b.name}-{p} engine is built from the {variant} ONNX",
                                  _source_hint(variant))
         elif why is not None and explicit and not skip_unavailable:
@@ -94,14 +111,14 @@ def build_engines(run: RunDir, *, backend: str = "auto", precisions: Sequence[st
         name = f"build:{engine_dir_name(b.name, p)}"
         stage_settings = {**base_settings, "precision": p, "backend": b.name}
         if why is not None:
-            records.append({**run.record_skip(name, why, stage_settings), "stage": name})
+            records.append({**run.record_skip(name, f"skipped: {why}", stage_settings), "name": name})
             continue
         cache = _calibration_cache(run, b, p)
         inputs = {"onnx": src}
         if cache is not None:
             inputs["calibration_cache"] = cache
         action = _build_action(run, b, p, src, settings, cache, progress)
-        records.append({**run.run_stage(name, inputs=inputs, settings=stage_settings, action=action), "stage": name})
+        records.append({**run.run_stage(name, inputs=inputs, settings=stage_settings, action=action), "name": name})
     return records
 
 

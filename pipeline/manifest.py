@@ -94,7 +94,7 @@ class RunDir:
 
     def require_export(self) -> dict:
         st = self.stage("export")
-        if st is None or not self.file(VARIANT_FILES["fp32"]).exists():
+        if st is None or st.get("status") != "ok" or not self.file(VARIANT_FILES["fp32"]).exists():
             raise InputError(f"no exported model in {self.path}", "run 'rexport export' first (or pass --out)")
         return st
 
@@ -160,10 +160,14 @@ class RunDir:
         try:
             outcome = action()
         except BaseException as e:
-            self.manifest["stages"][name] = {
-                "status": "error", "reason": str(e) or type(e).__name__, "started": started,
-                "duration_s": round(time.perf_counter() - t0, 3), "inputs": fingerprint, "settings": settings}
-            self.save()
+            # Outputs are written atomically, so a failed attempt leaves the previous ones (and
+            # their record) intact; only a stage that never succeeded is recorded as an error.
+            if self.stage(name) is None:
+                self.manifest["stages"][name] = {
+                    "status": "error", "reason": str(e) or type(e).__name__, "started": started,
+                    "duration_s": round(time.perf_counter() - t0, 3), "inputs": fingerprint, "settings": settings,
+                    "outputs": {}, "summary": {}}
+                self.save()
             self.log(f"{name}: error: {e}")
             raise
         outputs = {}

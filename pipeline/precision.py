@@ -66,6 +66,7 @@ _FP16_MAX = 65504.0
 _FP16_MIN_SUBNORMAL = 2.0 ** -24
 _WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 _POOL_OPS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean")
+_MAX_POOL_OPS = ("MaxPool", "GlobalMaxPool")
 _INT8_MAX = 127.0
 # A zero range (a tensor or weight channel that is all zeros) still needs a positive scale: TensorRT's
 # parser rejects scale <= 0. Any positive scale represents zeros exactly.
@@ -140,9 +141,10 @@ class QdqSettings:
     per_channel: bool = True
     #: which inputs of a residual Add get Q/DQ: "residual" (TensorRT's fusion-friendly placement),
     #: "both", or "none"
-    residual_add: str = "residual"
-    #: also put Q/DQ on the inputs of MaxPool / global average pool (off: their consumers' Q/DQ suffice)
-    quantize_pool_inputs: bool = False
+    residual_add: str = "both"
+    #: put Q/DQ on the inputs of MaxPool and the global average pool, so both run in INT8; a MaxPool's
+    #: output then needs no Q/DQ of its own
+    quantize_pool_inputs: bool = True
     #: store weights as INT8 initializers + DequantizeLinear (TensorRT >= 10, OpenVINO) instead of
     #: FP32 + QuantizeLinear + DequantizeLinear (also TensorRT 8.5/8.6)
     int8_weights: bool = False
@@ -364,6 +366,11 @@ def _plan(model: onnx.ModelProto, settings: QdqSettings) -> _Plan:
                 act.append((idx, i))
         elif node.op_type in _POOL_OPS and settings.quantize_pool_inputs and node.input[0] not in inits:
             act.append((idx, 0))
+
+    # A max-pool of a dequantized tensor only selects values already on the INT8 grid: its output needs no
+    # Q/DQ of its own (TensorRT propagates the DQ forward across it; OpenVINO runs the pool in INT8).
+    quantized_pools = {graph.node[n].output[0] for n, i in act if graph.node[n].op_type in _MAX_POOL_OPS}
+    act = [(n, i) for n, i in act if graph.node[n].input[i] not in quantized_pools]
 
     return _Plan(activation_edges=tuple(sorted(act)), weight_edges=tuple(wts), quantized_nodes=tuple(quantized),
                  excluded_nodes=tuple(_node_id(graph.node[i]) for i in sorted(excluded)))

@@ -56,6 +56,7 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
+_builtins_loaded = False
 
 
 def register(backend: Backend) -> Backend:
@@ -64,8 +65,10 @@ def register(backend: Backend) -> Backend:
 
 
 def _load_builtin() -> None:
-    if not _REGISTRY:
+    global _builtins_loaded
+    if not _builtins_loaded:
         from rexport.pipeline.backends import openvino, tensorrt  # noqa: F401  (they register themselves)
+        _builtins_loaded = True
 
 
 def backends() -> dict[str, Backend]:

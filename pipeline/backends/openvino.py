@@ -96,6 +96,12 @@ class OpenVINOBackend(Backend):
     precision_notes = {"fp16": "OpenVINO on x86 computes an fp16 model in f32 or bf16"}
 
     def unavailable_reason(self) -> str | None:
+        if not hasattr(self, "_unavailable"):  # asking OpenVINO for its devices costs a Core: once per process
+            self._unavailable = self._probe()
+        return self._unavailable
+
+    @staticmethod
+    def _probe() -> str | None:
         if importlib.util.find_spec("openvino") is None:
             return "openvino not installed (pip install openvino)"
         try:

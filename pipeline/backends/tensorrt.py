@@ -105,6 +105,23 @@ def source_variant_for(precision: str, path: str) -> str:
     return precision if path == STRONGLY_TYPED else "fp32"
 
 
+def source_mismatch(facts: dict, precision: str, path: str) -> str | None:
+    """Why an ONNX file (``onnx_facts``) cannot give a ``precision`` engine on ``path``, or None.
+
+    A strongly typed build runs exactly the types in the file, so a file without Q/DQ cannot make
+    an int8 engine (it would silently be fp32); refuse rather than build another precision.
+    """
+    if path != STRONGLY_TYPED:
+        return None     # weak typed: the builder flags set the precision
+    if precision == "int8" and not facts["qdq"]:
+        return "a strongly typed int8 engine needs the Q/DQ model (onnx/model.int8.onnx); this file has no Q/DQ nodes"
+    if precision == "fp16" and not facts["fp16"]:
+        return "a strongly typed fp16 engine needs the FP16 model (onnx/model.fp16.onnx); this file has no FP16 tensors"
+    if precision == "fp32" and (facts["qdq"] or facts["fp16"]):
+        return "a strongly typed fp32 engine needs the FP32 model; this file carries reduced-precision tensors"
+    return None
+
+
 def unsupported_settings(trt_version: str, settings: BuildSettings, gpu: dict | None = None) -> list[str]:
     """Build settings this TensorRT (and GPU) cannot honour; each entry says why."""
     major, minor = _major_minor(trt_version)
@@ -225,7 +242,7 @@ def _import_tensorrt():
     return trt
 
 
-def _onnx_facts(onnx_path: Path) -> dict:
+def onnx_facts(onnx_path: Path) -> dict:
     """Input/output names and shapes and which precisions the ONNX graph itself carries."""
     import onnx
 
@@ -277,7 +294,7 @@ class CacheOnlyCalibration:
         parts = header.split("-", 2)
         if len(parts) != 3 or parts[0] != "TRT" or parts[2] not in CALIBRATOR_FOR_ALGORITHM:
             raise InputError(f"not a TensorRT calibration cache (header {header[:60]!r})",
-                             "re-run 'rexport calibrate' to write calibration/<key>.tensorrt.cache")
+                             "re-run 'rexport quantize --precision int8' to rewrite calibration/<key>.tensorrt.cache")
         self.cache = cache
         self.algorithm = parts[2]
         self.base_class = CALIBRATOR_FOR_ALGORITHM[parts[2]]
@@ -371,16 +388,10 @@ class TensorRTBackend(Backend):
 
     @staticmethod
     def tensorrt_version() -> str | None:
-        from importlib import metadata
-
-        for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-cu11", "tensorrt-cu13"):
-            try:
-                return metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                continue
+        """The importable TensorRT's version (pip or JetPack's apt bindings, which carry no dist-info)."""
         if importlib.util.find_spec("tensorrt") is None:
             return None
-        return _import_tensorrt().__version__     # apt (JetPack) installs carry no dist-info
+        return _import_tensorrt().__version__
 
     # -- build -------------------------------------------------------------------------------------
 
@@ -402,25 +413,28 @@ class TensorRTBackend(Backend):
         problems = unsupported_settings(version, settings, gpu)
         if problems:
             raise InputError("; ".join(problems), "change the build settings")
-        facts = _onnx_facts(onnx_path)
-        self._check_source(onnx_path, facts, precision, path)
+        facts = onnx_facts(onnx_path)
+        wrong = source_mismatch(facts, precision, path)
+        if wrong:
+            raise InputError(f"{onnx_path.name}: {wrong}", f"run 'rexport quantize --precision {precision}' first"
+                             if precision != "fp32" else "pass onnx/model.fp32.onnx")
 
         calibrator, calib_info = None, None
         if "INT8" in flags and not facts["qdq"]:
             # Weak typed + a plain FP32 graph: the ranges come from our calibration cache.
             if calibration_cache is None or not Path(calibration_cache).is_file():
                 raise InputError("a weak-typed (TensorRT 8.x / --legacy) INT8 build needs the TensorRT calibration "
-                                 "cache calibration/<key>.tensorrt.cache", "run 'rexport calibrate' first")
+                                 "cache calibration/<key>.tensorrt.cache", "run 'rexport quantize --precision int8' first")
             cache = Path(calibration_cache).read_bytes()
             calibrator = make_cache_calibrator(trt, cache)
             calib_info = {"file": Path(calibration_cache).name, "algorithm": calibrator.algorithm}
 
         shapes = profile_shapes(facts["input_shape"][1:], settings)
-        if facts["input_shape"] and facts["input_shape"][0] not in (-1, 0) and settings.min_batch != settings.max_batch:
-            fixed = facts["input_shape"][0]
+        fixed = facts["input_shape"][0] if facts["input_shape"] else -1
+        if fixed > 0:   # exported with a fixed batch: the profile can only be that batch
             if not settings.min_batch <= fixed <= settings.max_batch:
-                raise InputError(f"{onnx_path.name} has a fixed batch of {fixed}",
-                                 "re-export with --batch dynamic or build with --min/--opt/--max-batch equal to it")
+                raise InputError(f"{onnx_path.name} has a fixed batch of {fixed}, outside --min-batch..--max-batch",
+                                 "re-export with --batch dynamic, or build with a batch range that contains it")
             shapes = {k: [fixed, *v[1:]] for k, v in shapes.items()}
         profile = Profile().add(facts["input"], min=shapes["min"], opt=shapes["opt"], max=shapes["max"])
 
@@ -484,19 +498,6 @@ class TensorRTBackend(Backend):
             build_settings=build_record,
             load_settings={"cuda_graphs": False, "optimization_profile": 0},
             build_seconds=build_seconds, preprocess=_preprocess_dict(onnx_path, facts))
-
-    def _check_source(self, onnx_path: Path, facts: dict, precision: str, path: str) -> None:
-        """A strongly typed build runs exactly the types in the file: refuse a file that does not carry
-        the precision asked for, rather than silently building another one."""
-        if path != STRONGLY_TYPED:
-            return
-        wrong = ((precision == "int8" and not facts["qdq"]) or (precision == "fp16" and not facts["fp16"])
-                 or (precision == "fp32" and (facts["qdq"] or facts["fp16"])))
-        if wrong:
-            raise InputError(f"a strongly typed {precision} engine must be built from onnx/model.{precision}.onnx, "
-                             f"and {onnx_path.name} is not one",
-                             f"run 'rexport quantize --precision {precision}' first" if precision != "fp32"
-                             else "pass onnx/model.fp32.onnx")
 
     @staticmethod
     def _network_loader(trt, onnx_path: Path, *, strongly_typed: bool):

@@ -1,0 +1,190 @@
+"""The deployment bundle: the models a device needs, their preprocessing and a standalone runner.
+
+A bundle is a folder (or a .tar.gz of it) that runs without rexport or torch::
+
+    bundle/
+      bundle.json            what is inside: variants, sources, sha256 of every file
+      README.txt             how to run it
+      run_engine.py          standalone runner (numpy + pillow + the model's runtime)
+      preprocess.json        the PreprocessSpec the model was exported with
+      labels.txt             class names, when the run has them
+      models/model.<v>.onnx  ONNX variants (ONNX Runtime anywhere; TensorRT/OpenVINO can rebuild from them)
+      engines/<backend>-<precision>/   engines with their sidecar.json
+      build_engine.py, calibration/*.tensorrt.cache    with build_on_device (TensorRT on the device)
+
+Default variants: every engine in the run, plus ``fp32`` (the reference that runs anywhere) and
+``int8`` (the one calibrated file both TensorRT and OpenVINO compile) when quantized. With
+``build_on_device`` every ONNX variant is included, since which one TensorRT compiles depends on
+the TensorRT version found on the device.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Sequence
+
+from rexport import __version__
+from rexport.core.errors import InputError
+from rexport.core.fsio import atomic_dir, atomic_path, sha256_file
+from rexport.core.preprocess import PreprocessSpec
+from rexport.pipeline.backends.sidecar import SIDECAR_NAME, read_sidecar, verify_engine_files
+from rexport.pipeline.manifest import VARIANT_FILES, RunDir
+from rexport.pipeline.variants import engine_dirs
+
+BUNDLE_SCHEMA = 1
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+DEFAULT_ONNX = ("fp32", "int8")
+
+
+def available_variants(run: RunDir) -> list[str]:
+    """ONNX variants and engines present in the run, in pipeline order."""
+    return run.variants() + [n for n in engine_dirs(run) if not n.startswith(".")]
+
+
+def default_variants(run: RunDir, *, build_on_device: bool = False) -> list[str]:
+    onnx = run.variants() if build_on_device else [v for v in run.variants() if v in DEFAULT_ONNX]
+    return onnx + [n for n in engine_dirs(run) if not n.startswith(".")]
+
+
+def _tensorrt_cache(run: RunDir) -> Path | None:
+    """The calibration cache written with the current int8 model (quantize:int8), else the only one there is."""
+    rel = ((run.stage("quantize:int8") or {}).get("summary") or {}).get("tensorrt_cache")
+    if rel and run.file(rel).is_file():
+        return run.file(rel)
+    found = sorted((run.path / "calibration").glob("*.tensorrt.cache"))
+    return found[0] if len(found) == 1 else None
+
+
+def make_bundle(run: RunDir, *, variants: Sequence[str] | None = None, dest: Path | None = None,
+                archive: bool = False, build_on_device: bool = False) -> Path:
+    """Write the bundle folder (or ``.tar.gz`` with ``archive``) atomically and return its path.
+
+    ``dest`` defaults to ``<run>/bundle`` (``<run>/bundle.tar.gz``). An unknown variant, a missing
+    export or an engine whose files do not match its sidecar is an InputError, and nothing is written.
+    """
+    fp32 = run.require(VARIANT_FILES["fp32"], "rexport export")
+    available = available_variants(run)
+    chosen = list(dict.fromkeys(variants)) if variants else default_variants(run, build_on_device=build_on_device)
+    unknown = [v for v in chosen if v not in available]
+    if unknown:
+        raise InputError(f"no variant {', '.join(map(repr, unknown))} in {run.path}",
+                         f"available: {', '.join(available) or 'none'}")
+    if not chosen:
+        raise InputError(f"nothing to bundle in {run.path}", "run 'rexport export' first")
+    engines = engine_dirs(run)
+    sidecars = {}
+    for v in chosen:
+        if v in engines:
+            sidecars[v] = read_sidecar(engines[v])
+            verify_engine_files(engines[v], sidecars[v])
+    onnx = [v for v in chosen if v in VARIANT_FILES]
+    cache = None
+    if build_on_device:
+        onnx = list(dict.fromkeys(onnx + run.variants()))
+        if "int8" in onnx:
+            cache = _tensorrt_cache(run)
+
+    spec = PreprocessSpec.from_onnx(fp32)
+    dest = Path(dest) if dest is not None else run.path / ("bundle.tar.gz" if archive else "bundle")
+    if archive:
+        with atomic_path(dest, suffix=".tar.gz") as tmp_archive:
+            staging = tmp_archive.with_name(tmp_archive.name + ".d")
+            try:
+                _write_bundle(staging, run, onnx, sidecars, engines, spec, cache, build_on_device)
+                name = dest.name[: -len(".tar.gz")] if dest.name.endswith(".tar.gz") else dest.stem
+                # Weights barely compress: level 1 is several times faster than the default 9 for ~the same size.
+                with tarfile.open(tmp_archive, "w:gz", compresslevel=1) as tar:
+                    tar.add(staging, arcname=name or "bundle")
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    else:
+        with atomic_dir(dest) as tmp:
+            _write_bundle(tmp, run, onnx, sidecars, engines, spec, cache, build_on_device)
+    run.log(f"bundle: wrote {dest} ({', '.join(onnx + list(sidecars))}"
+            + (", build on device" if build_on_device else "") + ")")
+    return dest
+
+
+def _write_bundle(root: Path, run: RunDir, onnx: list[str], sidecars: dict, engines: dict,
+                  spec: PreprocessSpec, cache: Path | None, build_on_device: bool) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    contents: dict[str, dict] = {}
+    for v in onnx:
+        rel = f"models/model.{v}.onnx"
+        _copy(run.file(VARIANT_FILES[v]), root / rel)
+        contents[v] = {"kind": "onnx", "path": rel, "runtime": "onnxruntime"}
+    for v, sc in sidecars.items():
+        rel = f"engines/{v}"
+        (root / rel).mkdir(parents=True)
+        for f in [*sc["engine_files"], SIDECAR_NAME]:
+            _copy(engines[v] / f, root / rel / f)
+        contents[v] = {"kind": "engine", "path": rel, "runtime": sc["backend"], "precision": sc["precision"],
+                       "device": sc.get("device"), "source_variant": (sc.get("source_onnx") or {}).get("variant")}
+    (root / "preprocess.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if spec.labels:
+        (root / "labels.txt").write_text("".join(f"{label}\n" for label in spec.labels), encoding="utf-8")
+    _copy(TEMPLATES / "run_engine.py", root / "run_engine.py")
+    cache_rel = None
+    if build_on_device:
+        _copy(TEMPLATES / "build_engine.py", root / "build_engine.py")
+        if cache is not None:
+            cache_rel = f"calibration/{cache.name}"
+            _copy(cache, root / cache_rel)
+    (root / "README.txt").write_text(_readme(contents, spec, build_on_device, cache_rel), encoding="utf-8")
+    files = {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    manifest = {
+        "schema_version": BUNDLE_SCHEMA, "rexport": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source_run": str(run.path.resolve()), "variants": contents, "build_on_device": build_on_device,
+        "calibration_cache": cache_rel, "preprocess": spec.to_dict(), "files": files,
+    }
+    (root / "bundle.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dst)
+    os.chmod(dst, 0o644 if dst.suffix != ".py" else 0o755)
+
+
+def _readme(contents: dict, spec: PreprocessSpec, build_on_device: bool, cache_rel: str | None) -> str:
+    lines = [
+        "rexport deployment bundle",
+        "=========================",
+        "",
+        "Classify images (prints the top-k classes with probabilities; --json for machine-readable output):",
+        "",
+    ]
+    for v, c in contents.items():
+        lines.append(f"  python3 run_engine.py {c['path']} IMAGE... [--topk 5] [--json]    # {v}: {c['runtime']}")
+    lines += [
+        "",
+        "Requirements: numpy, pillow and the runtime of the model you run:",
+        "  ONNX (models/*.onnx)          pip install onnxruntime",
+        "  engines/openvino-*            pip install openvino (an engine loads with the OpenVINO version that built it or newer)",
+        "  engines/tensorrt-*            TensorRT with the exact version and GPU recorded in its sidecar.json",
+        "                                (JetPack: apt install python3-libnvinfer)",
+        "",
+        f"Preprocessing (preprocess.json): resize shorter side to {spec.resize} ({spec.interpolation}), centre crop "
+        f"{spec.input_size}, scale to [0, 1], normalise mean {list(spec.mean)} std {list(spec.std)}, "
+        f"{spec.channel_order}, NCHW float32.",
+        "bundle.json lists every file with its sha256 (check: sha256sum).",
+    ]
+    if build_on_device:
+        lines += [
+            "",
+            "Build a TensorRT engine on this device (needs only TensorRT's Python bindings and numpy):",
+            "",
+            "  python3 build_engine.py --precision int8     # or fp16 / fp32; --help for batch profile, DLA, workspace",
+            "  python3 run_engine.py engines/tensorrt-int8 IMAGE...",
+            "",
+            "TensorRT 10 and 11 build strongly typed from models/model.<precision>.onnx. TensorRT 8.5/8.6",
+            "(JetPack 5.1/6.0) build models/model.fp32.onnx with builder flags"
+            + (f" and the INT8 ranges in {cache_rel}." if cache_rel else "; INT8 there needs a calibration cache, "
+               "which this bundle lacks (run 'rexport quantize --precision int8' and bundle again)."),
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,77 @@
+"""Quantize stage: the FP16 and INT8 (explicit Q/DQ) ONNX variants, made from the FP32 export.
+
+Precision is decided here, in ONNX, where ONNX Runtime on any CPU can check it; engine
+backends only compile these files (TensorRT 11 takes precision from the model alone).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from rexport.core.errors import InputError
+from rexport.core.preprocess import PreprocessSpec
+from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
+
+PRECISIONS = ("fp16", "int8")
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    precision: str = "int8"
+    calib_data: str = "synthetic"
+    calib_samples: int = 512
+    calib_method: str = "entropy"
+    calib_batch_size: int = 8
+    exclude: tuple[str, ...] = ()          # node names left in float
+    skip_first_conv: bool = False
+    skip_classifier: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise InputError(f"unknown precision {self.precision!r} for quantize", "use --precision fp16 or int8")
+
+
+def run_quantize(run: RunDir, settings: QuantizeSettings, *, progress: bool = True, force: bool = False) -> dict:
+    run.require_export()
+    fp32 = run.file(VARIANT_FILES["fp32"])
+    rel = VARIANT_FILES[settings.precision]
+    if settings.precision == "fp16":
+        from rexport.pipeline.precision import convert_fp16
+
+        def fp16_action() -> StageOutcome:
+            report = convert_fp16(fp32, run.file(rel))
+            summary = asdict(report) if hasattr(report, "__dataclass_fields__") else dict(report)
+            return StageOutcome(outputs=[rel], summary=summary)
+
+        return run.run_stage("quantize:fp16", inputs={"fp32": fp32}, settings={"precision": "fp16"},
+                             action=fp16_action, force=force)
+
+    from rexport.calibration import CalibrationSettings, calibrate, open_reader_for
+    from rexport.pipeline.precision import QdqSettings, insert_qdq
+
+    calib = CalibrationSettings(method=settings.calib_method, samples=settings.calib_samples,
+                                batch_size=settings.calib_batch_size, seed=settings.seed)
+    qdq = QdqSettings(exclude_nodes=tuple(settings.exclude), quantize_first_conv=not settings.skip_first_conv,
+                      quantize_classifier=not settings.skip_classifier)
+    spec = PreprocessSpec.from_onnx(fp32)
+    # Open the reader before the stage runs: bad calibration input fails here and writes nothing.
+    reader = open_reader_for(settings.calib_data, spec, calib)
+    stage_settings = {**asdict(settings), "calibration": calib.to_dict(), "qdq": asdict(qdq),
+                      "data_fingerprint": reader.fingerprint()}
+
+    def int8_action() -> StageOutcome:
+        result = calibrate(fp32, reader, calib, run.path / "calibration", progress=progress)
+        report = insert_qdq(fp32, result.ranges, run.file(rel), qdq)
+        cal_rel = str(result.json_path.relative_to(run.path))
+        trt_rel = str(result.tensorrt_cache_path.relative_to(run.path))
+        summary = {
+            "calibration": {"method": calib.method, "samples": result.samples, "data": settings.calib_data,
+                            "description": result.data_description, "synthetic": result.synthetic,
+                            "key": result.key, "reused": result.reused, "seconds": round(result.seconds, 3)},
+            "calibration_file": cal_rel, "tensorrt_cache": trt_rel,
+            "qdq": asdict(report) if hasattr(report, "__dataclass_fields__") else dict(report),
+        }
+        return StageOutcome(outputs=[rel, cal_rel, trt_rel], summary=summary)
+
+    return run.run_stage("quantize:int8", inputs={"fp32": fp32}, settings=stage_settings, action=int8_action,
+                         force=force)

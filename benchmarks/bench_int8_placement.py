@@ -124,27 +124,63 @@ def ort_quantizer_int8(fp32: Path, out: Path, batches: list[np.ndarray]) -> Path
     return out
 
 
-def openvino_runner(model, batch: int, config: dict):
-    """A compiled model at a static batch size; returns a no-argument callable that runs one batch."""
+def ov_unsigned_after_relu(model):
+    """A proposal for the OpenVINO builder, timed here as ``ours+ov-unsigned``: re-express each FakeQuantize
+    that reads a ReLU output (directly or through MaxPool) as unsigned [0, 255*scale] instead of the
+    signed [-128*scale, 127*scale] that an INT8 (TensorRT) Q/DQ pair imports as. Same step, so every value
+    up to the calibrated amax maps to the same grid point; values above amax are kept up to 255*scale
+    instead of being clamped at 127*scale. x86 VNNI needs unsigned activations: a signed input costs
+    oneDNN a shift-and-compensate pass (the whole measured gap to NNCF, which picks unsigned itself)."""
+    import openvino.opset13 as ops
+
+    model = model.clone()
+    for fq in model.get_ordered_ops():
+        if fq.get_type_name() != "FakeQuantize" or fq.get_levels() != 256:
+            continue
+        src = fq.input_value(0).get_node()
+        while src.get_type_name() == "MaxPool":
+            src = src.input_value(0).get_node()
+        if src.get_type_name() != "Relu":
+            continue
+        lo, hi, out_lo, out_hi = (fq.input_value(i).get_node().get_data() for i in range(1, 5))
+        if lo.size != 1 or not (lo.item() < 0 < hi.item()):
+            continue
+        step, out_step = (hi.item() - lo.item()) / 255, (out_hi.item() - out_lo.item()) / 255
+        new = ops.fake_quantize(fq.input_value(0), np.float32(0), np.float32(255 * step), np.float32(0),
+                                np.float32(255 * out_step), 256)
+        new.set_friendly_name(fq.get_friendly_name())
+        fq.output(0).replace(new.output(0))
+    return model
+
+
+def _compiled_openvino(model, batch: int, config: dict):
     import openvino as ov
 
     core = ov.Core()
     model = core.read_model(str(model)) if isinstance(model, (str, Path)) else model.clone()
     model.reshape({model.inputs[0].get_any_name(): [batch, 3, SIZE, SIZE]})
-    request = core.compile_model(model, "CPU", config).create_infer_request()
+    return core.compile_model(model, "CPU", config).create_infer_request()
+
+
+def openvino_runner(model, batch: int, config: dict):
+    """A compiled model at a static batch size; returns a no-argument callable that runs one batch."""
+    request = _compiled_openvino(model, batch, config)
     x = np.random.default_rng(2).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
     return lambda: request.infer({0: x})
 
 
-def ort_runner(path: Path, batch: int):
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def ort_runner(path: Path, batch: int, threads: int = 0):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(2).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
     return lambda: sess.run(None, {"input": x})
 
 
-def time_interleaved(runners: dict[str, object], batch: int, seconds: float, rounds: int) -> dict[str, dict]:
-    """Round-robin over the configurations, ``seconds`` each per round; a busy machine then slows every
-    configuration alike. The headline is the best round's median latency."""
+def time_interleaved(runners: dict[str, object], batch: int, seconds: float, rounds: int,
+                     clock=time.perf_counter) -> dict[str, list[float]]:
+    """Round-robin over the configurations, ``seconds`` each per round, so background load hits them
+    alike; returns each configuration's per-round median time per batch (seconds of ``clock``)."""
     for fn in runners.values():
         for _ in range(3):
             fn()
@@ -154,16 +190,11 @@ def time_interleaved(runners: dict[str, object], batch: int, seconds: float, rou
             lat = []
             end = time.perf_counter() + seconds
             while time.perf_counter() < end or len(lat) < 5:
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
-                lat.append(time.perf_counter() - t0)
+                lat.append(clock() - t0)
             medians[label].append(statistics.median(lat))
-    out = {}
-    for label, m in medians.items():
-        best = min(m)
-        out[label] = {"img_per_s": round(batch / best, 1), "median_ms": round(best * 1e3, 2),
-                      "round_medians_ms": [round(v * 1e3, 2) for v in m]}
-    return out
+    return medians
 
 
 def openvino_logits(model, x: np.ndarray) -> np.ndarray:
@@ -191,6 +222,8 @@ def environment() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import openvino as ov
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet18,resnet50")
     ap.add_argument("--batches", default="1,8")
@@ -226,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 reports[vname] = {"settings": asdict(settings), "qdq_pairs": rep.qdq_pairs,
                                   "activation_qdq": len(rep.activation_amax), "size_bytes": rep.size_bytes}
             t0 = time.perf_counter()
+            models["ours+ov-unsigned"] = ov_unsigned_after_relu(ov.Core().read_model(str(models["ours"])))
             models["ort-quantizer"] = ort_quantizer_int8(fp32, work / f"{name}.ort-quantizer.onnx", calib)
             models["nncf"] = nncf_int8(fp32, calib)
             print(f"[{name}] nncf.quantize in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -235,27 +269,42 @@ def main(argv: list[str] | None = None) -> int:
             cos = {v: round(cosine(ref, openvino_logits(m, x)), 5) for v, m in models.items()}
 
             for batch in batches:
+                # wall clock, all cores (PERFORMANCE_HINT=LATENCY): the best round counts
                 runners = {"ort-fp32": ort_runner(fp32, batch), "ov-fp32": openvino_runner(fp32, batch, fp32_cfg)}
                 runners.update({f"ov-{v}": openvino_runner(m, batch, int8_cfg) for v, m in models.items()})
-                timed = time_interleaved(runners, batch, args.seconds, args.rounds)
+                wall = time_interleaved(runners, batch, args.seconds, args.rounds)
+                # CPU time on one thread: the work itself, robust to other processes on a shared machine
+                one = {"INFERENCE_NUM_THREADS": 1}
+                runners = {"ort-fp32": ort_runner(fp32, batch, threads=1),
+                           "ov-fp32": openvino_runner(fp32, batch, {**fp32_cfg, **one})}
+                runners.update({f"ov-{v}": openvino_runner(m, batch, {**int8_cfg, **one}) for v, m in models.items()})
+                cpu = time_interleaved(runners, batch, args.seconds, args.rounds, clock=time.process_time)
                 del runners
-                for label, r in timed.items():
+                for label in wall:
                     variant = label.removeprefix("ov-")
-                    row = {"model": name, "batch": batch, "config": label, **r}
+                    best, cpu_med = min(wall[label]), statistics.median(cpu[label])
+                    row = {"model": name, "batch": batch, "config": label,
+                           "img_per_s": round(batch / best, 1), "median_ms": round(best * 1e3, 2),
+                           "round_medians_ms": [round(v * 1e3, 2) for v in wall[label]],
+                           "cpu_ms_1thread": round(cpu_med * 1e3, 2),
+                           "img_per_cpu_s": round(batch / cpu_med, 1)}
                     if variant in cos:
                         row["cosine_vs_fp32"] = cos[variant]
                     if variant in reports:
                         row.update(reports[variant])
                     rows.append(row)
-                    print(f"[{name} b{batch}] {label:20s} {r['img_per_s']:8.1f} img/s  "
-                          f"rounds {r['round_medians_ms']} ms", file=sys.stderr)
+                    print(f"[{name} b{batch}] {label:22s} {row['img_per_s']:8.1f} img/s wall  "
+                          f"{row['img_per_cpu_s']:8.1f} img/CPU-s  rounds {row['round_medians_ms']} ms",
+                          file=sys.stderr)
 
-    for row in rows:
-        base = {(r["model"], r["batch"], r["config"]): r["img_per_s"] for r in rows}
-        row["x_ort_fp32"] = round(row["img_per_s"] / base[(row["model"], row["batch"], "ort-fp32")], 2)
-        nncf_speed = base.get((row["model"], row["batch"], "ov-nncf"))
-        if nncf_speed:
-            row["x_nncf"] = round(row["img_per_s"] / nncf_speed, 3)
+    for metric in ("img_per_s", "img_per_cpu_s"):
+        base = {(r["model"], r["batch"], r["config"]): r[metric] for r in rows}
+        suffix = "" if metric == "img_per_s" else "_cpu"
+        for row in rows:
+            key = (row["model"], row["batch"])
+            row[f"x_ort_fp32{suffix}"] = round(row[metric] / base[(*key, "ort-fp32")], 2)
+            if (*key, "ov-nncf") in base:
+                row[f"x_nncf{suffix}"] = round(row[metric] / base[(*key, "ov-nncf")], 3)
     result = {"what": "OpenVINO CPU speed of INT8 Q/DQ placements vs NNCF INT8 and FP32 (img/s = batch/median)",
               "environment": env, "timing": {"mode": "latency: 1 sync request, PERFORMANCE_HINT=LATENCY, "
                                              "static shape per batch; configurations interleaved round-robin, "
@@ -275,18 +324,20 @@ def print_table(rows: list[dict]) -> None:
     configs = list(dict.fromkeys(r["config"] for r in rows))
     keys = list(dict.fromkeys((r["model"], r["batch"]) for r in rows))
     cell = {(r["model"], r["batch"], r["config"]): r for r in rows}
-    print("\nimg/s (x ORT FP32) [cosine vs FP32]")
-    print(f"{'config':18s}" + "".join(f"{m + ' b' + str(b):>24s}" for m, b in keys))
-    for c in configs:
-        line = f"{c:18s}"
-        for m, b in keys:
-            r = cell.get((m, b, c))
-            if r is None:
-                line += f"{'-':>24s}"
-                continue
-            cos = f" [{r['cosine_vs_fp32']:.4f}]" if "cosine_vs_fp32" in r else ""
-            line += f"{r['img_per_s']:>8.1f} (x{r['x_ort_fp32']:.2f}){cos:>10s}"
-        print(line)
+    for metric, suffix, title in (("img_per_s", "", "img/s, wall clock, all cores (x ORT FP32, x NNCF)"),
+                                  ("img_per_cpu_s", "_cpu", "img per CPU-second, 1 thread (x ORT FP32, x NNCF)")):
+        print(f"\n{title}")
+        print(f"{'config':22s}" + "".join(f"{m + ' b' + str(b):>26s}" for m, b in keys) + "   cosine vs FP32")
+        for c in configs:
+            line = f"{c:22s}"
+            for m, b in keys:
+                r = cell.get((m, b, c))
+                nncf = f" x{r[f'x_nncf{suffix}']:.2f}" if r and f"x_nncf{suffix}" in r else ""
+                line += f"{r[metric]:>9.1f} (x{r[f'x_ort_fp32{suffix}']:.2f}{nncf})".rjust(26) if r else f"{'-':>26s}"
+            models = dict.fromkeys(m for m, _ in keys)
+            coss = [f"{m}:{cell[(m, b, c)]['cosine_vs_fp32']:.4f}" for m in models for mm, b in keys
+                    if mm == m and "cosine_vs_fp32" in cell.get((m, b, c), {})][:len(models) * len(keys)]
+            print(line + "   " + " ".join(dict.fromkeys(coss)))
 
 
 if __name__ == "__main__":

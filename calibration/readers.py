@@ -273,7 +273,7 @@ class ArrayReader:
             raise InputError(f"{label} holds {dtype} values, expected already-preprocessed floats",
                              "normalise the images first, or pass the image folder instead")
         self.dtype = dtype
-        self.count = min(samples, int(shape[0]))
+        self.count = min(samples, int(rows_shape[0]))
         self.description = f"{self.count} preprocessed samples from {label}"
         self._pos = 0
         self._chunks: Iterator[np.ndarray] | None = None

@@ -165,6 +165,8 @@ def _augmented_session(model, activations: dict[str, int], *, values: bool):
     # also avoids the NCHWc layout reorders ENABLE_ALL would put in front of each exposed output.
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.log_severity_level = 3
+    # The worker thread and the caller's numpy share the cores: idle ORT threads must not spin.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = [n for triple in outputs for n in triple if n is not None]
     return session, names

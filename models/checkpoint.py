@@ -143,17 +143,49 @@ def _read_torch(p: Path, head: bytes, trust_checkpoint: bool) -> Any:
         warnings.warn(f"loading {p} with full pickle (--trust-checkpoint): the file can run arbitrary code",
                       UserWarning, stacklevel=3)
     try:
-        return torch.load(p, map_location="cpu", weights_only=not trust_checkpoint)
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the error says what matters
+            warnings.simplefilter("ignore")
+            return torch.load(p, map_location="cpu", weights_only=not trust_checkpoint)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found and not trust_checkpoint:
             raise InputError(f"checkpoint {p} would run code when loaded (it references {found.group(1)}); "
                              "refused", _TRUST_HINT) from None
+        code = _code_references(p) if head[:1] == b"\x80" else None
+        if code and not trust_checkpoint:
+            raise InputError(f"checkpoint {p} would run code when loaded (it references {code}); refused",
+                             _TRUST_HINT) from None
     except MemoryError:
         raise InputError(f"checkpoint {p} does not fit in memory", "use a smaller checkpoint") from None
     except Exception:  # torch raises RuntimeError, EOFError, KeyError, ... for files it cannot parse
         pass
     raise _unreadable(p, head)
+
+
+_SAFE_PICKLE_MODULES = ("torch", "collections", "_codecs", "numpy", "builtins.set", "builtins.frozenset")
+
+
+def _code_references(p: Path) -> str | None:
+    """The first global a raw pickle would import outside torch's tensor machinery, if any."""
+    import pickletools
+
+    strings: list[str] = []
+    try:
+        with open(p, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    name = str(arg).replace(" ", ".")
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    name = f"{strings[-2]}.{strings[-1]}"
+                else:
+                    if isinstance(arg, str):
+                        strings.append(arg)
+                    continue
+                if not name.startswith(_SAFE_PICKLE_MODULES):
+                    return name
+    except Exception:  # a truncated or non-pickle file: nothing to say about code
+        return None
+    return None
 
 
 def _unreadable(p: Path, head: bytes) -> InputError:

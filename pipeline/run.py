@@ -116,12 +116,9 @@ def _bench_record(settings) -> dict:
 
 
 def _bench_action(run: RunDir, settings, progress: bool):
-    from rexport.pipeline.bench import run_bench
-    from rexport.pipeline.manifest import StageOutcome
+    from rexport.pipeline.bench import bench_outcome, run_bench
 
-    results = run_bench(run, settings, progress=progress)
-    ok = [r for r in results["rows"] if r.get("status") == "ok"]
-    return StageOutcome(outputs=["bench/results.json"], summary={"rows": len(results["rows"]), "ok": len(ok)})
+    return bench_outcome(run_bench(run, settings, progress=progress))
 
 
 def _report_action(run: RunDir):

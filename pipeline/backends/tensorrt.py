@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
-import platform
 import sys
 import time
 from dataclasses import asdict

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import rexport.pipeline.backends.openvino  # noqa: F401  (registers; see the registry note in the report)
 from rexport.core.errors import InputError
 from rexport.core.fsio import sha256_file
 from rexport.core.preprocess import PreprocessSpec

@@ -254,10 +254,11 @@ def collect(fp32_onnx: str | os.PathLike, reader: CalibrationReader, *, histogra
     per_tensor = 3 if histograms else 2
     total = len(reader) if max_samples is None else min(len(reader), max_samples)
     reader.rewind()
+    batches = _run_batches(session, names, reader, total, fp32_onnx.name)
     try:
         with tqdm(total=total, unit="img", desc="calibrating", disable=not progress, file=sys.stderr,
                   leave=False) as bar:
-            for x, outs in _run_batches(session, names, reader, total, fp32_onnx.name):
+            for x, outs in batches:
                 stats.update(reader.input_name, float(x.min()), float(x.max()), x, owned=False)
                 for k, name in enumerate(activations):
                     lo, hi = outs[per_tensor * k], outs[per_tensor * k + 1]
@@ -269,6 +270,7 @@ def collect(fp32_onnx: str | os.PathLike, reader: CalibrationReader, *, histogra
                 stats.samples += len(x)
                 bar.update(len(x))
     finally:
+        batches.close()  # stops the worker thread now, also when folding a batch in failed
         reader.rewind()
     if stats.samples == 0:
         raise InputError("the calibration data yielded no samples", "pass a non-empty calibration set")

@@ -8,7 +8,8 @@ The format TensorRT writes and reads back (``writeCalibrationCache`` / ``readCal
 
 The header names the TensorRT version (``NV_TENSORRT_VERSION``: 8601 for 8.6.1, 100300 for
 10.3.0) and the calibrator algorithm, which TensorRT compares with its calibrator's. Each line is
-a tensor name and its scale, amax / 127, as the 8 hex digits of the big-endian IEEE float32.
+a tensor name and its scale, amax / 127, as the hex digits of the big-endian IEEE float32 (we
+always write 8; TensorRT omits leading zeros, so the reader accepts fewer).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ DEFAULT_VERSION = 8601  # TensorRT 8.6.1, the newest 8.x (JetPack 6.0); pass the
 ALGORITHMS = ("EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration", "LegacyCalibration")
 INT8_MAX = 127.0
 _HEADER = re.compile(r"^TRT-(\d+)-(\w+)$")
-_LINE = re.compile(r"^(.+): ([0-9a-fA-F]{8})$")
+_LINE = re.compile(r"^(.+): ([0-9a-fA-F]{1,8})$")  # TensorRT itself does not zero-pad
 
 
 def algorithm_for(method: str) -> str:
@@ -96,5 +97,5 @@ def _parse(path: Path) -> tuple[int, str, dict[str, float]]:
         m = _LINE.match(line.rstrip())
         if m is None:
             raise InputError(f"{path}:{n}: not a 'tensor: hexscale' line: {line[:80]!r}", "re-run 'rexport calibrate'")
-        scales[m.group(1)] = float(struct.unpack(">f", bytes.fromhex(m.group(2)))[0])
+        scales[m.group(1)] = float(struct.unpack(">f", bytes.fromhex(m.group(2).zfill(8)))[0])
     return int(header.group(1)), header.group(2), scales

@@ -206,6 +206,12 @@ def test_tensorrt_cache_format_round_trips(tmp_path: Path) -> None:
     assert scales["input"] == 1.0 and scales["logits"] == float(np.float32(3.3e-5 / 127))
     with pytest.raises(ValueError):
         write_tensorrt_cache({"x": 0.0}, tmp_path / "zero.cache")
+    # TensorRT writes the hex without leading zeros; tensor names may hold spaces, brackets and colons
+    (tmp_path / "trt.cache").write_text("TRT-8502-EntropyCalibration2\n(Unnamed Layer* 3) [Shuffle]_output: 3c010204\n"
+                                        "a:b: 10000\n")
+    parsed = read_tensorrt_scales(tmp_path / "trt.cache")
+    assert parsed == {"(Unnamed Layer* 3) [Shuffle]_output": float(np.float32(1 / 127)),
+                      "a:b": float(np.frombuffer(bytes.fromhex("00010000"), ">f4")[0])}
     (tmp_path / "bad.cache").write_text("not a cache\n")
     with pytest.raises(InputError, match="not a TensorRT calibration cache"):
         read_tensorrt_cache(tmp_path / "bad.cache")

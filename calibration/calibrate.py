@@ -28,7 +28,7 @@ from rexport.calibration.tensorrt_cache import (DEFAULT_VERSION, algorithm_for, 
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: entropy leaves exact zeros out; bumping it changes every key
 _REQUIRED = {"format": int, "key": str, "fp32_onnx_sha256": str, "data_fingerprint": str, "data_description": str,
              "synthetic": bool, "settings": dict, "ranges": dict, "minmax": dict, "samples": int, "created": str,
              "seconds": (int, float), "content_sha256": str}

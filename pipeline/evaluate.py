@@ -2,6 +2,7 @@
 drop and agreement against the PyTorch FP32 reference."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,14 +118,14 @@ def run_evaluate(run: RunDir, settings: EvaluateSettings, variants: list[str] | 
     overlap = _calibration_overlap(run, data)
     if overlap:
         warnings_.append(f"{overlap} evaluation images are also in the calibration set: INT8 accuracy is optimistic")
-    preds: dict[str, np.ndarray] = {}
     records = []
     for v in variants:
         rel = f"eval/{v}.json"
-        artifact = run.file(VARIANT_FILES[v]) if v in VARIANT_FILES else None
-        inputs = {"val_data": Path(settings.val_data), "fp32": run.file(VARIANT_FILES["fp32"]),
-                  "artifact": artifact if artifact is not None else (run.path / "engines" / v / "sidecar.json"
-                                                                      if v != REFERENCE else None)}
+        artifact = (run.file(VARIANT_FILES[v]) if v in VARIANT_FILES else
+                    None if v == REFERENCE else run.path / "engines" / v / "sidecar.json")
+        inputs = {"val_data": Path(settings.val_data), "fp32": run.file(VARIANT_FILES["fp32"]), "artifact": artifact}
+        if v != REFERENCE:  # drop and agreement are measured against the reference's results
+            inputs["reference"] = run.file(f"eval/{REFERENCE}.json")
 
         def action(v=v, rel=rel) -> StageOutcome:
             logits = []
@@ -132,37 +133,24 @@ def run_evaluate(run: RunDir, settings: EvaluateSettings, variants: list[str] | 
                 for xb in data.batches(settings.batch_size):
                     logits.append(runner.infer(xb))
             y = np.concatenate(logits)
-            preds[v] = y.argmax(1)
+            pred = y.argmax(1)
             top1 = float(topk_correct(y, data.labels, 1).mean())
             top5 = float(topk_correct(y, data.labels, 5).mean())
-            ref = _reference_result(run, preds)
+            ref = None if v == REFERENCE else json.loads(run.file(f"eval/{REFERENCE}.json").read_text())
             result = {"variant": v, "top1": top1, "top5": top5, "n": len(data),
-                      "drop_top1_vs_fp32": None if ref is None else ref["top1"] - top1,
-                      "agreement_top1_vs_fp32": None if REFERENCE not in preds else
-                      float((preds[REFERENCE] == preds[v]).mean()),
+                      "drop_top1_vs_fp32": 0.0 if ref is None else ref["top1"] - top1,
+                      "agreement_top1_vs_fp32": 1.0 if ref is None else
+                      float((np.asarray(ref["predictions"]) == pred).mean()),
                       "dataset": {"source": str(settings.val_data), "n": len(data), "classes": data.classes},
-                      "warnings": warnings_}
+                      "warnings": warnings_, "predictions": pred.tolist()}
             atomic_write_json(run.file(rel), result)
             return StageOutcome(outputs=[rel], summary={k: result[k] for k in ("top1", "top5", "n",
                                                                               "drop_top1_vs_fp32")})
 
         st_settings = {"samples": settings.samples, "batch_size": settings.batch_size, "seed": settings.seed}
-        # Agreement needs the reference's predictions, so the reference is never reused alone.
-        rec = run.run_stage(f"evaluate:{v}", inputs=inputs, settings=st_settings, action=action,
-                            force=force or (v != REFERENCE and REFERENCE not in preds and False))
-        if rec.get("reused") and v == REFERENCE:
-            preds.setdefault(REFERENCE, None)
+        rec = run.run_stage(f"evaluate:{v}", inputs=inputs, settings=st_settings, action=action, force=force)
         records.append({"variant": v, **rec, "warnings": warnings_})
     return records
-
-
-def _reference_result(run: RunDir, preds: dict) -> dict | None:
-    p = run.file(f"eval/{REFERENCE}.json")
-    if REFERENCE in preds and p.exists():
-        import json
-
-        return json.loads(p.read_text())
-    return None
 
 
 def _calibration_overlap(run: RunDir, data: LabelledSet) -> int:

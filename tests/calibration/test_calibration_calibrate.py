@@ -271,3 +271,38 @@ def test_calibration_imports_neither_pipeline_nor_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.stdout.strip() == "[]"
+
+
+def test_split_runs_give_the_same_statistics(fp32: Path, digits: Path) -> None:
+    """Reader batches split into one-sample runs (a tiny memory budget) see exactly the same values."""
+    from rexport.calibration.statistics import collect
+
+    reader = _reader(digits, _settings())
+    whole = collect(fp32, reader, histograms=True, max_samples=12)
+    split = collect(fp32, reader, histograms=True, max_samples=12, max_run_bytes=1)
+    assert whole.samples == split.samples == 12
+    for name, st in whole.tensors.items():
+        other = split.tensors[name]
+        assert (st.min, st.max) == (other.min, other.max), name
+        assert st.histogram.counts.sum() == pytest.approx(other.histogram.counts.sum()), name
+        assert st.histogram.top == other.histogram.top
+
+
+def test_nan_inside_the_model_is_caught_in_every_method(fp32: Path, digits: Path, tmp_path: Path) -> None:
+    """The last output channel of the first conv is NaN (ORT's ReduceMin/Max skip a NaN that is not
+    first in a tensor): calibration must refuse it, not write NaN or garbage ranges."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(fp32))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    init = next(i for i in model.graph.initializer if i.name == conv.input[1])
+    w = numpy_helper.to_array(init).copy()
+    w[-1] = np.nan
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    broken = tmp_path / "nan.onnx"
+    onnx.save(model, str(broken))
+    for method in ("minmax", "entropy"):
+        settings = _settings(method=method, samples=8)
+        with pytest.raises(InputError, match="NaN or infinite"):
+            calibrate(broken, _reader(digits, settings), settings, tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache").exists()

@@ -110,3 +110,25 @@ def test_nan_activation_is_an_input_error() -> None:
 def test_unknown_method_is_an_input_error() -> None:
     with pytest.raises(InputError, match="unknown calibration method"):
         compute_ranges(ActivationStatistics(), "kl")
+
+
+def test_entropy_leaves_exact_zeros_out_and_percentile_keeps_them() -> None:
+    rng = np.random.default_rng(3)
+    batches = [np.maximum(rng.standard_normal(200_000).astype(np.float32), 0) for _ in range(3)]
+    streamed, nonzero_only = AbsHistogram.empty(2048), AbsHistogram.empty(2048)
+    for b in batches:
+        streamed.add_abs(b.copy(), float(b.max()))
+        nz = b[b != 0]
+        nonzero_only.add_abs(nz.copy(), float(nz.max()))
+    everything = np.concatenate(batches)
+    assert streamed.zeros == np.count_nonzero(everything == 0) > 0.45 * everything.size
+    assert streamed.total == everything.size
+    np.testing.assert_allclose(streamed.counts, nonzero_only.counts)
+    amax = entropy_amax(streamed)
+    assert amax == entropy_amax(nonzero_only)
+    # with the ReLU zeros as a spike in bin 0, KL would clip far harder: the bias this avoids
+    spiked = AbsHistogram(streamed.counts.copy(), streamed.top)
+    spiked.counts[0] += streamed.zeros
+    assert entropy_amax(spiked) < 0.8 * amax
+    for q in (40.0, 75.0, 99.9):
+        assert abs(percentile_amax(streamed, q) - np.percentile(everything, q)) < 2 * streamed.bin_width, q

@@ -7,12 +7,15 @@ and carries the FP32 model's ``metadata_props`` (the preprocessing spec among th
 
 Choices, with the evidence behind them
 --------------------------------------
-*FP16.* ``onnxconverter_common.float16`` with ``keep_io_types=True``. Conv, Relu, Add, MaxPool and the
-global average pool are all safe in FP16 for a BN-folded ResNet (activations stay far below 65504).
-The classifier (``Gemm``/``MatMul``) is kept in FP32 by default: it costs < 0.1 % of the FLOPs and keeps
-the logits (whose small gaps decide top-1/top-5 order) out of FP16 rounding. ``Softmax``/``LogSoftmax``
-are kept too when a model ends in one. ``max_finite_val`` is FP16's own maximum (the converter's
-default 1e4 would clip legitimate values between 1e4 and 65504).
+*FP16.* ``onnxconverter_common.float16`` with ``keep_io_types=True``. Nothing in a BN-folded ResNet needs
+FP32: Conv, Relu, Add, MaxPool, the global average pool and the classifier all run in FP16 (activations
+stay far below 65504). Keeping the classifier in FP32 was measured and bought nothing (random-weight
+ResNet-50 at 224, batch 8: logit cosine to FP32 0.99983 all-FP16 vs 0.99977 with an FP32 Gemm; the error
+comes from the backbone), so only ops that overflow in FP16 (``Softmax``/``LogSoftmax``: exp) are kept in
+FP32 by default, for models that end in one. ``max_finite_val`` is FP16's own maximum (the converter's
+default 1e4 would clip legitimate values between 1e4 and 65504); values below FP16's smallest subnormal
+are clamped to it and counted in the report. ONNX Runtime's CPU provider lacks most FP16 kernels and runs
+them in FP32 between inserted Casts, so the ORT check measures FP16 storage rounding.
 
 *INT8 weights.* Stored as FP32 initializer -> QuantizeLinear -> DequantizeLinear ("fake-quant"), not as an
 INT8 initializer -> DequantizeLinear. TensorRT 10+ accepts both ("You can specify weights of Q/DQ models
@@ -24,18 +27,31 @@ TRT 8.x), which is why ONNX Runtime's ``AddQDQPairToWeight`` and Optimum's Tenso
 for TRT >= 10 and OpenVINO. OpenVINO folds either form into INT8 weights (same speed, measured in
 benchmarks/bench_int8_placement.py).
 
-*Placement* (TensorRT's "Q/DQ layer placement recommendations", and NVIDIA ModelOpt's ONNX PTQ):
-Q/DQ on the activation input and the weights of every Conv (and the classifier Gemm), and on the
-*residual* input of each residual Add only. The Conv-branch input of the Add stays float so that
-TensorRT fuses Conv + Add (+ Relu) into one INT8 kernel with an INT8 residual; a Q/DQ on that branch
-"forces the separation of the convolution operator from the element-wise addition" (TensorRT developer
-guide, figure "suboptimal quantization fusions"); ModelOpt removes exactly that Q/DQ
-(``build_non_residual_input_map`` / ``remove_partial_input_qdq``). Where both Add inputs come from Convs
-(the downsampling block) the shallower one (the 1x1 downsample) is the residual, as in ModelOpt.
-``residual_add="both"`` quantizes both inputs instead. MaxPool and the global average pool need no Q/DQ of
-their own: TensorRT propagates Q backward across MaxPool (the MaxPool output is already quantized because
-Convs consume it), and OpenVINO's low-precision transformations move FakeQuantize across it the same way.
-One Q/DQ pair per tensor is shared by every consumer that wants the tensor quantized.
+*Placement.* Symmetric INT8 (zero point 0, scale = amax/127): TensorRT takes nothing else. Q/DQ on the
+activation input and the weights (per output channel) of every Conv and of the classifier Gemm/MatMul; on
+the inputs of MaxPool and the global average pool, so both run in INT8 (a MaxPool output needs no Q/DQ of
+its own: TensorRT propagates the DQ forward across it); and on both inputs of each residual Add. One Q/DQ
+pair per tensor is shared by all its quantized consumers; bias stays float.
+
+The residual Add is where the two engines disagree, so here is the evidence. OpenVINO fuses
+Conv + Add + ReLU (+ the next Q) into one INT8 convolution only when both Add inputs are quantized (its
+in-place "sum" post-op needs the branch in INT8); with the residual input alone quantized, each identity
+block keeps a separate Add/ReLU/FakeQuantize subgraph (12 in ResNet-50; 0 to 2.5 % slower, measured).
+NNCF's own placement is also "both". TensorRT's placement guide recommends the opposite: quantize only the
+residual input, because a Q/DQ on the Conv branch "forces the separation of the convolution operator from
+the element-wise addition" (TensorRT developer guide, "suboptimal quantization fusions"; NVIDIA ModelOpt's
+ONNX PTQ removes that Q/DQ, ``remove_partial_input_qdq``). The file keeps "both" (OpenVINO's optimum,
+correct for TensorRT), and :func:`drop_residual_branch_qdq` turns it into TensorRT's optimum without
+recalibrating (it only removes Q/DQ pairs); ``residual_add="residual"`` writes that form directly. Where
+both Add inputs come from Convs (the downsampling block), the shallower one (the 1x1 downsample) is the
+residual, as in ModelOpt.
+
+*What the file cannot carry.* OpenVINO imports a signed INT8 Q/DQ pair as a signed activation, but x86
+VNNI multiplies unsigned activations by signed weights; a signed input costs oneDNN a shift-and-compensate
+pass, 5-12 % of the INT8 speed against NNCF, which picks unsigned ranges for post-ReLU tensors. TensorRT
+only takes signed INT8 with zero point 0, so the fix belongs in the OpenVINO builder: re-express each
+FakeQuantize whose input is >= 0 by construction as unsigned with the same step (measured at NNCF parity;
+``ov_unsigned_after_relu`` in benchmarks/bench_int8_placement.py).
 
 All tensor names of the FP32 model survive: Q/DQ only add tensors (``<t>_quantized``,
 ``<t>_dequantized``) and rewire the quantized consumers, so Conv/Add/Relu outputs can be compared layer by
@@ -58,7 +74,7 @@ from rexport.core.errors import CheckFailed, InputError
 from rexport.core.fsio import atomic_path
 
 #: op types kept in FP32 in the FP16 model (see the module docstring for why)
-DEFAULT_FP32_OPS: tuple[str, ...] = ("Gemm", "MatMul", "Softmax", "LogSoftmax")
+DEFAULT_FP32_OPS: tuple[str, ...] = ("Softmax", "LogSoftmax")
 #: batch sizes every written model is run at in ONNX Runtime before it is kept
 CHECK_BATCHES: tuple[int, ...] = (1, 3)
 
@@ -99,15 +115,61 @@ def convert_fp16(fp32_path: Path, out_path: Path, *,
     fp32_nodes = tuple(_node_id(n) for n in model.graph.node if n.op_type in block)
     clamped = _fp16_unrepresentable(model, set(block))
     metadata = [(p.key, p.value) for p in model.metadata_props]
+    kept_inputs = {x for n in model.graph.node if n.op_type in block for x in n.input}
+    kept_weights = {}
+    for init in model.graph.initializer:
+        if init.data_type == TensorProto.FLOAT and init.name in kept_inputs:
+            kept_weights[init.name] = TensorProto()
+            kept_weights[init.name].CopyFrom(init)
     with warnings.catch_warnings():
         # the converter warns once per clamped value; the count goes into the report instead
         warnings.simplefilter("ignore", UserWarning)
         fp16 = float16.convert_float_to_float16(
             model, min_positive_val=_FP16_MIN_SUBNORMAL, max_finite_val=_FP16_MAX, keep_io_types=True,
             op_block_list=block)
+    _restore_fp32_weights(fp16, kept_weights)
     _set_metadata(fp16, metadata)
     path = _write_checked(fp16, out_path)
     return FP16Report(path=path, size_bytes=path.stat().st_size, fp32_nodes=fp32_nodes, clamped_values=clamped)
+
+
+def _restore_fp32_weights(model: onnx.ModelProto, originals: dict[str, TensorProto]) -> None:
+    """The converter stores even an FP32-kept node's weights in FP16 and casts them back: put the FP32
+    weights back, so a node kept in FP32 loses nothing."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    uses: dict[str, int] = defaultdict(int)
+    for node in g.node:
+        for x in node.input:
+            uses[x] += 1
+    names = _NameSource(model)
+    rename: dict[str, str] = {}
+    casts = []
+    for node in g.node:
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        w = node.input[0] if node.op_type == "Cast" and node.input else ""
+        if to != TensorProto.FLOAT or w not in inits or w not in originals:
+            continue
+        if uses[w] == 1:  # only this Cast reads it: the FP32 tensor takes its name back
+            inits[w].CopyFrom(originals[w])
+            rename[node.output[0]] = w
+        else:
+            restored = onnx.TensorProto()
+            restored.CopyFrom(originals[w])
+            restored.name = names.tensor(f"{w}_fp32")
+            g.initializer.append(restored)
+            rename[node.output[0]] = restored.name
+        casts.append(node)
+    for node in casts:
+        g.node.remove(node)
+    for node in g.node:
+        for i, x in enumerate(node.input):
+            if x in rename:
+                node.input[i] = rename[x]
+    stale = set(rename) | set(rename.values())  # the converter also typed the weights FP16 in value_info
+    infos = [v for v in g.value_info if v.name not in stale]
+    del g.value_info[:]
+    g.value_info.extend(infos)
 
 
 def _fp16_unrepresentable(model: onnx.ModelProto, block: set[str]) -> int:
@@ -139,8 +201,8 @@ class QdqSettings:
     quantize_classifier: bool = True
     #: per-output-channel weight scales (per-tensor when False)
     per_channel: bool = True
-    #: which inputs of a residual Add get Q/DQ: "residual" (TensorRT's fusion-friendly placement),
-    #: "both", or "none"
+    #: which inputs of a residual Add get Q/DQ: "both" (OpenVINO fuses Add into the Conv), "residual"
+    #: (TensorRT fuses Add into the Conv; see drop_residual_branch_qdq), or "none"
     residual_add: str = "both"
     #: put Q/DQ on the inputs of MaxPool and the global average pool, so both run in INT8; a MaxPool's
     #: output then needs no Q/DQ of its own
@@ -170,13 +232,10 @@ class QdqReport:
     quantized_weights: tuple[str, ...]
     #: (layer name, output tensor name) of each quantized layer; the names are the FP32 model's
     layer_outputs: tuple[tuple[str, str], ...]
+    #: activation Q/DQ pairs plus weight quantizers
+    qdq_pairs: int
     settings: QdqSettings = field(default_factory=QdqSettings)
     checked_batches: tuple[int, ...] = CHECK_BATCHES
-
-    @property
-    def qdq_pairs(self) -> int:
-        """Activation Q/DQ pairs plus weight quantizers."""
-        return len(self.activation_amax) + len(self.quantized_weights)
 
 
 @dataclass(frozen=True)
@@ -301,11 +360,84 @@ def insert_qdq(fp32_path: Path, ranges: Mapping[str, float], out_path: Path,
     path = _write_checked(model, out_path)
     return QdqReport(path=path, size_bytes=path.stat().st_size, quantized_nodes=plan.quantized_nodes,
                      excluded_nodes=plan.excluded_nodes, activation_amax={t: amax[t] for t in act_tensors},
-                     quantized_weights=tuple(weight_names), layer_outputs=layer_outputs, settings=settings)
+                     quantized_weights=tuple(weight_names), layer_outputs=layer_outputs,
+                     qdq_pairs=len(act_tensors) + len(weight_names), settings=settings)
+
+
+def drop_residual_branch_qdq(int8_path: Path, out_path: Path) -> list[str]:
+    """Remove the Q/DQ on the Conv-branch input of each residual Add (TensorRT's preferred placement).
+
+    The INT8 file quantizes both Add inputs, which OpenVINO needs to fuse the Add into the Conv; TensorRT
+    fuses Conv + Add + ReLU only when the Conv branch reaches the Add in float. Only Q/DQ pairs are removed
+    (no scale changes), so the result is what ``insert_qdq(..., residual_add="residual")`` writes from the
+    same ranges. Returns the names of the Adds changed.
+    """
+    model = _load(int8_path)
+    graph = model.graph
+    producers = {out: idx for idx, node in enumerate(graph.node) for out in node.output}
+    consumers: dict[str, int] = defaultdict(int)
+    for node in graph.node:
+        for x in node.input:
+            consumers[x] += 1
+
+    def through_qdq(tensor: str) -> tuple[str, int | None, int | None]:
+        """(float tensor before Q/DQ, Q index, DQ index), or the tensor itself when no Q/DQ feeds it."""
+        dq = producers.get(tensor)
+        if dq is None or graph.node[dq].op_type != "DequantizeLinear":
+            return tensor, None, None
+        q = producers.get(graph.node[dq].input[0])
+        if q is None or graph.node[q].op_type != "QuantizeLinear":
+            return tensor, None, None
+        return graph.node[q].input[0], q, dq
+
+    # depths on the float graph: Q/DQ nodes count as zero-length
+    depth = [0] * len(graph.node)
+    for idx, node in enumerate(graph.node):
+        d = max((depth[producers[x]] for x in node.input if x in producers), default=0)
+        depth[idx] = d if node.op_type in ("QuantizeLinear", "DequantizeLinear") else d + 1
+
+    changed: list[str] = []
+    drop: set[int] = set()
+    for node in graph.node:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        sources = [through_qdq(x) for x in node.input]
+        src = [producers.get(t) for t, _, _ in sources]
+        is_conv = [s is not None and graph.node[s].op_type == "Conv" for s in src]
+        if is_conv == [True, False]:
+            branch = 0
+        elif is_conv == [False, True]:
+            branch = 1
+        elif is_conv == [True, True]:
+            branch = 1 if depth[src[0]] < depth[src[1]] else 0
+        else:
+            continue
+        tensor, q, dq = sources[branch]
+        if q is None:  # the Conv branch is float already
+            continue
+        dq_out = node.input[branch]
+        node.input[branch] = tensor
+        changed.append(_node_id(node))
+        consumers[dq_out] -= 1
+        if consumers[dq_out] == 0 and consumers[graph.node[q].output[0]] == 1:
+            drop.update((q, dq))
+    kept = [n for i, n in enumerate(graph.node) if i not in drop]
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {x for n in graph.node for x in n.input}
+    unused = [i for i in graph.initializer if i.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+    live = {o for n in graph.node for o in n.output} | {x for n in graph.node for x in n.input}
+    infos = [v for v in graph.value_info if v.name in live]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+    _write_checked(model, out_path)
+    return changed
 
 
 def quantized_layer_outputs(int8_path: Path) -> list[tuple[str, str]]:
-    """(layer name, output tensor) of each Conv/Gemm/MatMul whose input comes from a DequantizeLinear.
+    """(layer name, output tensor) of each Conv/Gemm/MatMul whose weights come from a DequantizeLinear.
 
     The tensor names are those of the FP32 model, so both files can expose them as extra outputs and be
     compared layer by layer.
@@ -314,8 +446,8 @@ def quantized_layer_outputs(int8_path: Path) -> list[tuple[str, str]]:
     producers = {out: node for node in model.graph.node for out in node.output}
     result = []
     for node in model.graph.node:
-        if node.op_type in _WEIGHTED_OPS and node.input:
-            src = producers.get(node.input[0])
+        if node.op_type in _WEIGHTED_OPS and len(node.input) > 1:
+            src = producers.get(node.input[1])
             if src is not None and src.op_type == "DequantizeLinear":
                 result.append((_node_id(node), node.output[0]))
     return result

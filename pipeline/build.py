@@ -78,7 +78,7 @@ def build_engines(run: RunDir, *, backend: str = "auto", precisions: Sequence[st
     if reason:
         if skip_unavailable:
             name = f"build:{b.name}"
-            return [{**run.record_skip(name, f"skipped: {reason}", {"backend": b.name}), "name": name}]
+            return [{**run.record_skip(name, reason, {"backend": b.name}), "name": name}]
         raise _unavailable_error(b, reason)
 
     explicit = precisions is not None
@@ -111,7 +111,7 @@ def build_engines(run: RunDir, *, backend: str = "auto", precisions: Sequence[st
         name = f"build:{engine_dir_name(b.name, p)}"
         stage_settings = {**base_settings, "precision": p, "backend": b.name}
         if why is not None:
-            records.append({**run.record_skip(name, f"skipped: {why}", stage_settings), "name": name})
+            records.append({**run.record_skip(name, why, stage_settings), "name": name})
             continue
         cache = _calibration_cache(run, b, p)
         inputs = {"onnx": src}

@@ -79,7 +79,7 @@ def run_all(run: RunDir, s: RunSettings, echo: Callable[[str, dict], None]) -> d
     for name, b in backends().items():  # say plainly which engine backends did not run, and why
         reason = b.unavailable_reason()
         if name != chosen.name and reason:
-            echo(f"build:{name}", run.record_skip(f"build:{name}", f"skipped: {reason}"))
+            echo(f"build:{name}", run.record_skip(f"build:{name}", reason))
     builds = build_engines(run, backend=chosen.name, precisions=engine_precisions(chosen.precisions, s.precisions),
                            settings=BuildSettings(), progress=s.progress, skip_unavailable=True)
     for r in builds:
@@ -91,7 +91,7 @@ def run_all(run: RunDir, s: RunSettings, echo: Callable[[str, dict], None]) -> d
         for r in run_evaluate(run, EvaluateSettings(val_data=s.val_data, samples=s.val_samples)):
             echo(f"evaluate:{r['variant']}", r)
     else:
-        echo("evaluate", run.record_skip("evaluate", "skipped: no labelled data given (--val-data / VAL=)"))
+        echo("evaluate", run.record_skip("evaluate", "no labelled data given (--val-data / VAL=)"))
     bench_settings = BenchSettings(batch_sizes=s.bench_batch_sizes, min_time=s.bench_min_time)
     echo("bench", run.run_stage("bench", inputs=_artifact_inputs(run), settings=_bench_record(bench_settings),
                                 action=lambda: _bench_action(run, bench_settings, s.progress)))

@@ -26,9 +26,11 @@ class Ctx:
 
     def stage(self, name: str, rec: dict) -> None:
         """One line per stage: name, status, elapsed time."""
-        status = "reused" if rec.get("reused") else rec.get("status", "ok")
+        reused = rec.get("reused")
+        status = "reused" if reused else rec.get("status", "ok")
         extra = f"  ({rec['reason']})" if rec.get("reason") else ""
-        self.line(f"{name:<24} {status:<8} {rec.get('duration_s', 0.0):7.1f} s{extra}")
+        elapsed = 0.0 if reused else rec.get("duration_s", 0.0)  # a reused stage did no work now
+        self.line(f"{name:<24} {status:<8} {elapsed:7.1f} s{extra}")
 
     def emit(self, obj) -> None:
         if self.json:

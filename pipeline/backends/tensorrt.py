@@ -361,23 +361,28 @@ class TensorRTBackend(Backend):
     precisions = PRECISIONS
 
     def unavailable_reason(self) -> str | None:
-        missing = []
-        if importlib.util.find_spec("tensorrt") is None:
-            missing.append("tensorrt not installed")
+        missing, _ = self._missing()
+        return ", ".join(missing) or None
+
+    @staticmethod
+    def _missing() -> tuple[list[str], str | None]:
+        """What this machine lacks for TensorRT (short, for tables) and why the GPU check failed."""
+        missing, detail = [], None
         gpu, why = cuda_gpu()
         if gpu is None:
-            missing.append(f"no CUDA device ({why})")
-        if not missing:
-            return None
-        return " and ".join(missing) + f"; {WHAT_TO_DO}"
+            missing.append("no CUDA device")
+            detail = why
+        if importlib.util.find_spec("tensorrt") is None:
+            missing.append("tensorrt not installed")
+        return missing, detail
 
     def missing_dependency(self) -> MissingDependency | None:
         """The error a stage raises when TensorRT was asked for and cannot run here."""
-        reason = self.unavailable_reason()
-        if reason is None:
+        missing, detail = self._missing()
+        if not missing:
             return None
-        what, _, todo = reason.partition("; ")
-        return MissingDependency(f"cannot build or run TensorRT engines here: {what}", todo)
+        return MissingDependency(f"cannot build or run TensorRT engines here: {', '.join(missing)}"
+                                 + (f" ({detail})" if detail else ""), WHAT_TO_DO)
 
     def source_variant(self, precision: str, settings: BuildSettings | None = None) -> str:
         version = self.tensorrt_version()

@@ -94,7 +94,6 @@ def portable_head(model):
 
 
 def _to_onnx_model(torch_model, settings: ExportSettings):
-    import onnx
     import torch
 
     spec = settings.preprocess

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
-from rexport.core.errors import CheckFailed, InputError
+from rexport.core.errors import InputError
 from rexport.pipeline.manifest import RunDir
 
 
@@ -38,13 +39,11 @@ def engine_precisions(offered: tuple[str, ...], wanted: tuple[str, ...]) -> list
 
 def run_all(run: RunDir, s: RunSettings, echo: Callable[[str, dict], None]) -> dict:
     from rexport.pipeline.backends import BuildSettings, backends, get_backend
-    from rexport.pipeline.bench import BenchSettings, run_bench
+    from rexport.pipeline.bench import BenchSettings
     from rexport.pipeline.build import build_engines
     from rexport.pipeline.evaluate import EvaluateSettings, run_evaluate
     from rexport.pipeline.export import run_export
-    from rexport.pipeline.manifest import StageOutcome
     from rexport.pipeline.quantize import QuantizeSettings, run_quantize
-    from rexport.pipeline.report import write_report
     from rexport.pipeline.validate import ValidateSettings, run_validate
     from rexport.pipeline.variants import engine_dirs
 
@@ -64,7 +63,10 @@ def run_all(run: RunDir, s: RunSettings, echo: Callable[[str, dict], None]) -> d
 
     rec = run_export(run, s.export)
     echo("export", rec)
-    vs = ValidateSettings(samples=s.validate_samples)
+    # Validate on real images when the user gave some (labelled set, else the calibration folder):
+    # INT8 ranges calibrated on images say little about how a model treats noise.
+    real = next((d for d in (s.val_data, s.calib_data) if d and Path(d).is_dir()), None)
+    vs = ValidateSettings(data=real or "synthetic", samples=s.validate_samples)
     note_checks(run_validate(run, vs, ["fp32"]))
     for p in ("fp16", "int8"):
         if p in s.precisions:

@@ -37,12 +37,15 @@ TOLERANCES: dict[str, dict[str, tuple[str, float]]] = {
     "bf16": {"rel_to_range": ("<=", 0.06), "cosine_min": (">=", 0.995)},
     "int8": {"rel_to_range": ("<=", 0.15), "cosine_min": (">=", 0.98)},
 }
-#: An engine against the ONNX file it was compiled from: it must match that file closely.
+#: An engine against the ONNX file it was compiled from: it must match that file closely. INT8 is
+#: looser than the rest: real int8 kernels round accumulators differently from ONNX Runtime's
+#: fake-quantized graph, and OpenVINO's unsigned post-ReLU quantizers keep values above the
+#: calibrated range that the ONNX clamps, which shows on inputs unlike the calibration data.
 SOURCE_TOLERANCES: dict[str, dict[str, tuple[str, float]]] = {
     "fp32": {"err_over_max": ("<=", 1e-4), "cosine_min": (">=", 0.99999)},
     "fp16": {"rel_to_range": ("<=", 0.01), "cosine_min": (">=", 0.9995)},
     "bf16": {"rel_to_range": ("<=", 0.06), "cosine_min": (">=", 0.995)},
-    "int8": {"rel_to_range": ("<=", 0.08), "cosine_min": (">=", 0.99)},
+    "int8": {"rel_to_range": ("<=", 0.15), "cosine_min": (">=", 0.99)},
 }
 
 

@@ -5,7 +5,6 @@ import json
 import shlex
 import shutil
 import sys
-import time
 import traceback
 from pathlib import Path
 

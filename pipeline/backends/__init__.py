@@ -2,7 +2,7 @@
 offers and whether this machine can run it, without importing its runtime."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rexport.core.errors import InputError

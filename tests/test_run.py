@@ -1,0 +1,87 @@
+"""The README's main flow through the real entry point, on a small model: every stage, the summary
+table, the report, an unchanged rerun that redoes nothing, accuracy on labelled data, infer."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import rexport_cli
+
+STAGES = ["export", "validate:fp32", "quantize:fp16", "quantize:int8", "validate:fp16", "validate:int8",
+          "build:tensorrt", "build:openvino-fp32", "build:openvino-int8", "evaluate:pytorch", "evaluate:int8",
+          "evaluate:openvino-int8", "bench", "report"]
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A tiny labelled image folder (3 classes), also used as calibration data."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog", "fish"):
+        (root / c).mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, labelled):
+    out = tmp_path_factory.mktemp("run") / "r18"
+    proc = rexport_cli("run", "--num-classes", "3", "--input-size", "64", "--calib-data", labelled,
+                       "--calib-samples", "12", "--val-data", labelled, "--bench-min-time", "0.2", "--out", out)
+    return out, proc
+
+
+def test_run_finishes_with_a_summary_and_report(finished_run):
+    out, proc = finished_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for stage in STAGES:
+        assert any(line.startswith(stage + " ") for line in proc.stdout.splitlines()), stage
+    assert "skipped" in proc.stdout and "tensorrt" in proc.stdout
+    assert "random weights" in proc.stdout
+    for name in ("report.json", "report.md", "report.html"):
+        assert (out / "report" / name).is_file()
+    report = json.loads((out / "report" / "report.json").read_text())
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert {"pytorch", "fp32", "fp16", "int8", "openvino-fp32", "openvino-int8"} <= set(rows)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"].startswith("rexport run")
+    assert manifest["stages"]["build:tensorrt"]["status"] == "skipped"
+
+
+def test_evaluate_warns_when_calibration_and_evaluation_share_images(finished_run):
+    out, _ = finished_run
+    res = json.loads((out / "eval" / "int8.json").read_text())
+    assert res["n"] == 12 and 0 <= res["top1"] <= 1
+    assert any("calibration set" in w for w in res["warnings"])
+
+
+def test_unchanged_rerun_redoes_nothing(finished_run, labelled):
+    out, _ = finished_run
+    before = json.loads((out / "manifest.json").read_text())["stages"]
+    proc = rexport_cli("run", "--num-classes", "3", "--input-size", "64", "--calib-data", labelled,
+                       "--calib-samples", "12", "--val-data", labelled, "--bench-min-time", "0.2", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    after = json.loads((out / "manifest.json").read_text())["stages"]
+    for name, st in after.items():
+        if name != "report" and st["status"] == "ok":
+            assert st["started"] == before[name]["started"], f"{name} was redone"
+    assert proc.stdout.count(" reused ") >= 10
+
+
+def test_infer_on_onnx_and_openvino_engine(finished_run, labelled):
+    out, _ = finished_run
+    img = next((labelled / "dog").glob("*.png"))
+    results = {}
+    for artifact in (out / "onnx" / "model.fp32.onnx", out / "engines" / "openvino-fp32"):
+        proc = rexport_cli("--json", "infer", artifact, img, "--topk", "2")
+        assert proc.returncode == 0, proc.stderr
+        results[artifact.name] = json.loads(proc.stdout)[0]["top"]
+    onnx_top, ov_top = results["model.fp32.onnx"], results["openvino-fp32"]
+    assert len(onnx_top) == 2 and onnx_top[0]["class"] == ov_top[0]["class"]
+    assert onnx_top[0]["probability"] == pytest.approx(ov_top[0]["probability"], abs=1e-4)
+    proc = rexport_cli("infer", out / "onnx" / "model.fp32.onnx", labelled / "missing.png")
+    assert proc.returncode == 2 and "missing.png" in proc.stderr and "Traceback" not in proc.stderr

@@ -325,7 +325,8 @@ def _stage_label(name: str) -> str:
         return f"{BACKEND_NAMES.get(backend, backend)} {precision.upper()}".strip()
     if kind == "quantize":
         return f"{target.upper()} quantization"
-    return {"validate": f"validation of {target}", "evaluate": f"evaluation of {target}",
+    of = f" of {target}" if target else ""
+    return {"validate": f"validation{of}", "evaluate": f"evaluation{of}",
             "bench": "benchmark", "export": "export", "report": "report"}.get(kind, name)
 
 
@@ -424,7 +425,7 @@ def build_report(run: RunDir) -> dict:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "run_dir": str(run.path),
         "model": src.manifest.get("model") or export_settings.get("model"),
-        "num_classes": export_settings.get("num_classes"),
+        "num_classes": src.export.get("summary", {}).get("num_classes") or export_settings.get("num_classes"),
         "preprocess": export_settings.get("preprocess"),
         "command": src.manifest.get("command"),
         "environment": env,

@@ -8,7 +8,6 @@ build and its sidecar are complete. The caller holds the run lock.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from pathlib import Path
 from typing import Sequence
 
@@ -18,32 +17,8 @@ from rexport.pipeline.backends import Backend, BuildSettings, get_backend
 from rexport.pipeline.backends.sidecar import SIDECAR_NAME, write_sidecar
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
 
-_INSTALL_HINT = {"tensorrt": "install TensorRT and run on a machine with a CUDA device (pip install 'rexport[tensorrt]'), "
-                             "or pass --backend openvino",
-                 "openvino": "pip install openvino"}
-
-
 def engine_dir_name(backend: str, precision: str) -> str:
     return f"{backend}-{precision}"
-
-
-def _precision_unavailable(b: Backend, precision: str) -> str | None:
-    check = getattr(b, "precision_unavailable_reason", None)
-    return check(precision) if check is not None else None
-
-
-def _source_variant(b: Backend, precision: str, settings: BuildSettings) -> str:
-    """The ONNX variant an engine is compiled from; TensorRT's depends on the settings (--legacy)."""
-    if len(inspect.signature(b.source_variant).parameters) >= 2:
-        return b.source_variant(precision, settings)
-    return b.source_variant(precision)
-
-
-def _unavailable_error(b: Backend, reason: str) -> MissingDependency:
-    make = getattr(b, "missing_dependency", None)
-    err = make() if make is not None else None
-    return err if err is not None else MissingDependency(f"{b.name}: {reason}",
-                                                         _INSTALL_HINT.get(b.name, f"install {b.name}"))
 
 
 def _source_hint(variant: str) -> str:
@@ -79,7 +54,7 @@ def build_engines(run: RunDir, *, backend: str = "auto", precisions: Sequence[st
         if skip_unavailable:
             name = f"build:{b.name}"
             return [{**run.record_skip(name, reason, {"backend": b.name}), "name": name}]
-        raise _unavailable_error(b, reason)
+        raise b.missing_dependency()
 
     explicit = precisions is not None
     wanted = list(dict.fromkeys(precisions)) if explicit else list(b.precisions)
@@ -89,12 +64,12 @@ def build_engines(run: RunDir, *, backend: str = "auto", precisions: Sequence[st
     plan: list[tuple[str, Path | None, str | None]] = []  # (precision, source onnx, why skipped)
     for p in wanted:
         if p not in b.precisions:
-            note = getattr(b, "precision_notes", {}).get(p)
+            note = b.precision_notes.get(p)
             raise InputError(f"{b.name} does not build {p!r} engines" + (f": {note}" if note else ""),
                              f"use {', '.join(b.precisions[:-1])} or {b.precisions[-1]}" if len(b.precisions) > 1
                              else f"use {b.precisions[0]}")
-        why = _precision_unavailable(b, p)
-        variant = _source_variant(b, p, settings)
+        why = b.precision_unavailable_reason(p)
+        variant = b.source_variant(p, settings)
         src = run.file(VARIANT_FILES[variant])
         if why is None and not src.is_file():
             why = f"{VARIANT_FILES[variant]} not found ({_source_hint(variant)})"

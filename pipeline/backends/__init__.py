@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rexport.core.errors import InputError
+from rexport.core.errors import InputError, MissingDependency
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,26 @@ class Backend:
     name: str = ""
     precisions: tuple[str, ...] = ()
 
+    #: why a precision this backend does not offer is missing (shown in the error)
+    precision_notes: dict[str, str] = {}
+    #: what to do when the backend cannot run here
+    install_hint: str = ""
+
     def unavailable_reason(self) -> str | None:
         """None when this machine can build and run the backend, else a short reason
         ("no CUDA device", "tensorrt not installed"). Must not import heavy runtimes eagerly."""
         raise NotImplementedError
 
-    def source_variant(self, precision: str) -> str:
+    def missing_dependency(self) -> MissingDependency | None:
+        """The error a stage raises when this backend was asked for and cannot run here."""
+        reason = self.unavailable_reason()
+        return MissingDependency(f"{self.name}: {reason}", self.install_hint or None) if reason else None
+
+    def precision_unavailable_reason(self, precision: str) -> str | None:
+        """None when this machine can build ``precision`` (one of ``precisions``), else why not."""
+        return None
+
+    def source_variant(self, precision: str, settings: BuildSettings | None = None) -> str:
         """Which ONNX variant (fp32|fp16|int8) an engine of ``precision`` is compiled from."""
         return precision
 

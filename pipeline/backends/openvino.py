@@ -94,6 +94,7 @@ class OpenVINOBackend(Backend):
     precisions = ("fp32", "bf16", "int8")
     #: why a precision is not offered, for the error message of a build that asks for it
     precision_notes = {"fp16": "OpenVINO on x86 computes an fp16 model in f32 or bf16"}
+    install_hint = "pip install openvino"
 
     def unavailable_reason(self) -> str | None:
         if not hasattr(self, "_unavailable"):  # asking OpenVINO for its devices costs a Core: once per process
@@ -121,7 +122,7 @@ class OpenVINOBackend(Backend):
                     f"this CPU ({cpu_info()['model']}) would emulate it")
         return None
 
-    def source_variant(self, precision: str) -> str:
+    def source_variant(self, precision: str, settings: BuildSettings | None = None) -> str:
         return {"fp32": "fp32", "bf16": "fp32", "int8": "int8"}[precision]
 
     def load_settings(self, precision: str, threads: int | None = None) -> dict:

@@ -123,3 +123,12 @@ def test_debug_shows_a_traceback(tmp_path):
 def test_help_works_without_tensorrt():
     proc = rexport_cli("--help")
     assert proc.returncode == 0 and "export" in proc.stdout and "bundle" in proc.stdout
+
+
+def test_a_locked_run_directory_is_refused(small_run):
+    """Two commands never write one run directory at once."""
+    from rexport.core.fsio import RunLock
+
+    with RunLock(small_run.path):
+        proc = rexport_cli("validate", "--out", small_run.path, "--samples", "2")
+    assert_clean_failure(proc, 2, "another rexport command")

@@ -166,6 +166,8 @@ def validate(c: Ctx, variants, onnx_file, data, samples, batch_sizes, tols, forc
     with run.locked():
         _log_command(run)
         recs = run_validate(run, settings, list(variants) or None, force=force)
+    if run.require_export()["summary"].get("random_weights"):
+        c.line("note: the model has seeded random weights (no --weights): agreement figures are not a trained model's")
     failed = []
     for rec in recs:
         c.stage(f"validate:{rec['variant']}", rec)

@@ -85,3 +85,17 @@ def test_infer_on_onnx_and_openvino_engine(finished_run, labelled):
     assert onnx_top[0]["probability"] == pytest.approx(ov_top[0]["probability"], abs=1e-4)
     proc = rexport_cli("infer", out / "onnx" / "model.fp32.onnx", labelled / "missing.png")
     assert proc.returncode == 2 and "missing.png" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bundle_from_the_cli(finished_run, tmp_path):
+    import tarfile
+
+    out, _ = finished_run
+    dest = tmp_path / "edge.tar.gz"
+    proc = rexport_cli("bundle", "--out", out, "--archive", "--dest", dest)
+    assert proc.returncode == 0, proc.stderr
+    names = tarfile.open(dest).getnames()
+    assert any(n.endswith("run_engine.py") for n in names)
+    assert any(n.endswith("openvino-int8/sidecar.json") for n in names)
+    proc = rexport_cli("bundle", "--out", out, "--variants", "nope", "--dest", tmp_path / "b")
+    assert proc.returncode == 2 and "nope" in proc.stderr and not (tmp_path / "b").exists()

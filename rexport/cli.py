@@ -206,11 +206,12 @@ def _print_validation(c: Ctx, name: str, res: dict) -> None:
 @click.option("--exclude", multiple=True, help="Node name to leave in float (repeatable).")
 @click.option("--skip-first-conv", is_flag=True, help="Leave the stem convolution in float.")
 @click.option("--skip-classifier", is_flag=True, help="Leave the final fully connected layer in float.")
+@click.option("--quiet", "no_progress", is_flag=True, help="No progress bars.")
 @click.option("--force", is_flag=True)
 @out_option
 @click.pass_obj
 def quantize(c: Ctx, precision, calib_data, calib_samples, calib_method, calib_batch_size, exclude,
-             skip_first_conv, skip_classifier, force, out):
+             skip_first_conv, skip_classifier, no_progress, force, out):
     """FP16 (mixed precision) or INT8 (explicit Q/DQ from our calibration) ONNX variants."""
     from rexport.pipeline.quantize import QuantizeSettings, run_quantize
 
@@ -220,7 +221,7 @@ def quantize(c: Ctx, precision, calib_data, calib_samples, calib_method, calib_b
     run = _open_run(out)
     with run.locked():
         _log_command(run)
-        rec = run_quantize(run, settings, progress=not (c.quiet or c.json), force=force)
+        rec = run_quantize(run, settings, progress=not (c.quiet or c.json or no_progress), force=force)
     c.stage(f"quantize:{precision}", rec)
     cal = rec.get("summary", {}).get("calibration")
     if cal:

@@ -55,7 +55,7 @@ class CalibrationSettings:
                 raise InputError(f"calibration {name} must be an integer, got {value!r}")
         if self.samples < 1 or self.batch_size < 1:
             raise InputError(f"calibration samples ({self.samples}) and batch size ({self.batch_size}) must be >= 1",
-                             "pass --calib-samples and --calib-batch >= 1")
+                             "pass --calib-samples and --calib-batch-size >= 1")
         if not isinstance(self.percentile, (int, float)) or not 0.0 < float(self.percentile) <= 100.0:
             raise InputError(f"calibration percentile must be in (0, 100], got {self.percentile!r}",
                              "e.g. --percentile 99.99")
@@ -110,7 +110,7 @@ def load_calibration(json_path: str | os.PathLike) -> dict:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise InputError(f"calibration file {path} does not exist", "run 'rexport calibrate' first") from None
+        raise InputError(f"calibration file {path} does not exist", "run 'rexport quantize --precision int8' first") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"calibration file {path} is unreadable ({type(e).__name__})", bad) from None
     if not isinstance(doc, dict):

@@ -45,7 +45,7 @@ def _check_counts(samples: int, batch_size: int) -> None:
     if samples < 1:
         raise InputError(f"calibration needs at least one sample, got {samples}", "pass --calib-samples >= 1")
     if batch_size < 1:
-        raise InputError(f"calibration batch size must be >= 1, got {batch_size}", "pass --calib-batch >= 1")
+        raise InputError(f"calibration batch size must be >= 1, got {batch_size}", "pass --calib-batch-size >= 1")
 
 
 # -- synthetic ---------------------------------------------------------------------------
@@ -325,6 +325,10 @@ class ArrayReader:
             while pos < self.count:
                 n = min(64, self.count - pos)
                 x = self._rows(pos, n)
+                if not np.isfinite(x).all():  # refuse before any stage runs, not mid-calibration
+                    bad = pos + int(np.flatnonzero(~np.isfinite(x).reshape(n, -1).all(axis=1))[0])
+                    raise InputError(f"{self.path}: sample {bad} contains NaN or infinite values",
+                                     "calibration data must be finite")
                 for row in x:
                     digest = hashlib.sha256(row.tobytes()).hexdigest()
                     rows.append(digest)

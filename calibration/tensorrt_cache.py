@@ -84,18 +84,18 @@ def _parse(path: Path) -> tuple[int, str, dict[str, float]]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read TensorRT calibration cache {path} ({type(e).__name__})",
-                         "re-run 'rexport calibrate'") from None
+                         "re-run 'rexport quantize --precision int8 --force'") from None
     lines = text.splitlines()
     header = _HEADER.match(lines[0].strip()) if lines else None
     if header is None or header.group(2) not in ALGORITHMS:
         raise InputError(f"{path} is not a TensorRT calibration cache (first line {lines[0][:60] if lines else ''!r})",
-                         "re-run 'rexport calibrate'")
+                         "re-run 'rexport quantize --precision int8 --force'")
     scales: dict[str, float] = {}
     for n, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
         m = _LINE.match(line.rstrip())
         if m is None:
-            raise InputError(f"{path}:{n}: not a 'tensor: hexscale' line: {line[:80]!r}", "re-run 'rexport calibrate'")
+            raise InputError(f"{path}:{n}: not a 'tensor: hexscale' line: {line[:80]!r}", "re-run 'rexport quantize --precision int8 --force'")
         scales[m.group(1)] = float(struct.unpack(">f", bytes.fromhex(m.group(2).zfill(8)))[0])
     return int(header.group(1)), header.group(2), scales

@@ -2,8 +2,11 @@
 drop and agreement against the PyTorch FP32 reference."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +26,30 @@ class EvaluateSettings:
     batch_size: int = 16
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if (self.samples is not None and self.samples < 1) or self.batch_size < 1:
+            raise InputError("--samples and the batch size must be at least 1", "e.g. --samples 1000")
+
+
+#: preprocessed images are decoded once and kept for every variant up to this size; larger sets stream
+PRELOAD_BYTES = 1_500_000_000
+
 
 class LabelledSet:
     """Labelled samples: an ImageFolder layout (``class/*.jpg``, classes sorted or ordered by a
-    ``labels.txt``) or an ``.npz`` with preprocessed ``x`` and integer ``y``."""
+    ``labels.txt``) or an ``.npz`` with preprocessed ``x`` and integer ``y``.
 
-    def __init__(self, source: str | os.PathLike, spec: PreprocessSpec, samples: int | None, seed: int) -> None:
+    Folder classes are mapped to the model's outputs by name when the model carries labels
+    (export ``--labels``), else by position; a class the model cannot predict is an error, so an
+    accuracy figure never rests on a silent misalignment.
+    """
+
+    def __init__(self, source: str | os.PathLike, spec: PreprocessSpec, num_classes: int,
+                 samples: int | None, seed: int) -> None:
         self.source = Path(source)
         self.spec = spec
+        self.num_classes = num_classes
+        self.unreadable = 0
         if self.source.is_dir():
             self._init_folder()
         elif self.source.is_file() and self.source.suffix == ".npz":
@@ -39,22 +58,41 @@ class LabelledSet:
             raise InputError(f"labelled data {self.source} not found or not a folder/.npz",
                              "pass a class_name/*.jpg folder or an .npz with x and y")
         n = len(self.labels)
+        keep = np.arange(n)
         if samples is not None and samples < n:
             keep = np.sort(np.random.default_rng(seed).choice(n, samples, replace=False))
-            self.labels = self.labels[keep]
-            self._items = [self._items[i] for i in keep] if self._items is not None else None
-            self._index = keep
+        self.labels = self.labels[keep]
+        if self._x is not None:
+            self._x = self._x[keep]
         else:
-            self._index = np.arange(n)
+            self._items = [self._items[i] for i in keep]
+            self._preload()
+
+    def _class_indices(self, names: list[str]) -> list[int]:
+        if self.spec.labels:
+            unknown = [c for c in names if c not in self.spec.labels]
+            if unknown:
+                raise InputError(f"class folder {unknown[0]!r} in {self.source} is not one of the model's labels",
+                                 "name the class folders after the labels given to 'rexport export --labels'")
+            return [self.spec.labels.index(c) for c in names]
+        if len(names) > self.num_classes:
+            raise InputError(f"{self.source} has {len(names)} classes but the model predicts {self.num_classes}",
+                             "evaluate on data with the classes the model was trained on")
+        return list(range(len(names)))
 
     def _init_folder(self) -> None:
+        dirs = sorted(d.name for d in self.source.iterdir() if d.is_dir())
         order_file = self.source / "labels.txt"
+        classes = dirs
         if order_file.is_file():
             classes = [c.strip() for c in order_file.read_text(encoding="utf-8").splitlines() if c.strip()]
-        else:
-            classes = sorted(d.name for d in self.source.iterdir() if d.is_dir())
+            unlisted = sorted(set(dirs) - set(classes))
+            if unlisted:
+                raise InputError(f"class folder {unlisted[0]!r} is not listed in {order_file}",
+                                 "list every class folder in labels.txt, in the model's class order")
+        indices = self._class_indices(classes)
         items, labels = [], []
-        for idx, cls in enumerate(classes):
+        for idx, cls in zip(indices, classes):
             for f in list_images(self.source / cls):
                 items.append(f)
                 labels.append(idx)
@@ -62,40 +100,79 @@ class LabelledSet:
             raise InputError(f"no labelled images in {self.source}",
                              "expected class_name/*.jpg subfolders (torchvision ImageFolder layout)")
         self.classes = classes
-        self._items: list[Path] | None = items
+        self._items = items
         self.labels = np.asarray(labels, dtype=np.int64)
         self._x = None
 
     def _init_npz(self) -> None:
+        hint = "save it with np.savez(path, x=preprocessed_float32_nchw, y=integer_labels)"
         try:
-            data = np.load(self.source)
-            x, y = data["x"], data["y"]
-        except (KeyError, ValueError, OSError) as e:
-            raise InputError(f"{self.source} is not an .npz with arrays x and y ({type(e).__name__})",
-                             "save it with np.savez(path, x=images_nchw_float32, y=int_labels)") from None
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.spec.input_shape or len(x) != len(y):
+            with np.load(self.source) as data:
+                x, y = data["x"], data["y"]
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise InputError(f"{self.source} is not a readable .npz with arrays x and y ({type(e).__name__})",
+                             hint) from None
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.spec.input_shape or y.ndim != 1 or len(x) != len(y):
             raise InputError(f"{self.source}: x has shape {tuple(x.shape)} and y {tuple(y.shape)}",
                              f"expected x (N, {', '.join(map(str, self.spec.input_shape))}) and y (N,)")
+        if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
+            raise InputError(f"{self.source}: x must be finite floats, preprocessed as the model's metadata says",
+                             hint)
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= self.num_classes:
+            raise InputError(f"{self.source}: y must be integer class indices in [0, {self.num_classes})", hint)
         self.classes = None
         self._items = None
-        self._x = x
-        self.labels = np.asarray(y, dtype=np.int64)
+        self._x = x.astype(np.float32, copy=False)
+        self.labels = y.astype(np.int64)
+
+    def _load(self, path: Path) -> np.ndarray | None:
+        try:
+            return self.spec.load_image(path)
+        except Exception:  # PIL raises UnidentifiedImageError, OSError, ValueError... for broken files
+            return None
+
+    def _preload(self) -> None:
+        """Decode every image once (unreadable ones are left out and counted) when the set fits in memory."""
+        per_image = 4 * int(np.prod(self.spec.input_shape))
+        if len(self._items) * per_image > PRELOAD_BYTES:
+            return
+        arrays, keep = [], []
+        for i, p in enumerate(self._items):
+            a = self._load(p)
+            if a is not None:
+                arrays.append(a)
+                keep.append(i)
+        self.unreadable = len(self._items) - len(keep)
+        if not arrays:
+            raise InputError(f"no readable images in {self.source}", "pass jpg/png/bmp/webp images")
+        if self.unreadable:
+            warnings.warn(f"{self.unreadable} unreadable images in {self.source} were left out", stacklevel=2)
+        self._items = [self._items[i] for i in keep]
+        self.labels = self.labels[keep]
+        self._x = np.stack(arrays)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def batches(self, batch_size: int):
         for i in range(0, len(self), batch_size):
-            if self._items is not None:
-                yield np.stack([self.spec.load_image(p) for p in self._items[i:i + batch_size]])
-            else:
-                yield np.asarray(self._x[self._index[i:i + batch_size]], dtype=np.float32)
+            if self._x is not None:
+                yield np.asarray(self._x[i:i + batch_size], dtype=np.float32)
+                continue
+            arrays = []
+            for p in self._items[i:i + batch_size]:
+                a = self._load(p)
+                if a is None:
+                    raise InputError(f"cannot read image {p}", "remove or replace the broken file")
+                arrays.append(a)
+            yield np.stack(arrays)
 
     def fingerprints(self) -> set[str]:
-        """Content hashes of the images (for the calibration/evaluation overlap warning)."""
+        """Content hashes of the samples, as calibration readers compute them: sha256 of an image
+        file's bytes, or of a preprocessed row's float32 bytes (for the overlap warning)."""
         if self._items is not None:
             return {sha256_file(p) for p in self._items}
-        return set()
+        return {hashlib.sha256(np.ascontiguousarray(row, dtype=np.float32).tobytes()).hexdigest() for row in self._x}
 
 
 def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -108,7 +185,8 @@ def run_evaluate(run: RunDir, settings: EvaluateSettings, variants: list[str] | 
                  *, force: bool = False) -> list[dict]:
     run.require_export()
     spec = PreprocessSpec.from_onnx(run.file(VARIANT_FILES["fp32"]))
-    data = LabelledSet(settings.val_data, spec, settings.samples, settings.seed)
+    num_classes = int(run.stage("export")["summary"]["num_classes"])
+    data = LabelledSet(settings.val_data, spec, num_classes, settings.samples, settings.seed)
     variants = variants or list_variants(run)
     if REFERENCE in variants:  # the reference goes first: every drop is measured against it
         variants = [REFERENCE] + [v for v in variants if v != REFERENCE]
@@ -154,12 +232,7 @@ def run_evaluate(run: RunDir, settings: EvaluateSettings, variants: list[str] | 
 
 
 def _calibration_overlap(run: RunDir, data: LabelledSet) -> int:
+    """How many evaluation samples the INT8 calibration also used (by content hash)."""
     st = run.stage("quantize:int8")
-    if not st or not data.fingerprints():
-        return 0
-    source = st.get("settings", {}).get("calib_data")
-    if not source or source == "synthetic" or not Path(source).exists():
-        return 0
-    from rexport.calibration import image_fingerprints
-
-    return len(image_fingerprints(source) & data.fingerprints())
+    used = ((st or {}).get("summary") or {}).get("calibration", {}).get("sample_sha256") or []
+    return len(set(used) & data.fingerprints()) if used else 0

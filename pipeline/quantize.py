@@ -40,26 +40,32 @@ def run_quantize(run: RunDir, settings: QuantizeSettings, *, progress: bool = Tr
 
         def fp16_action() -> StageOutcome:
             report = convert_fp16(fp32, run.file(rel))
-            summary = asdict(report) if hasattr(report, "__dataclass_fields__") else dict(report)
-            return StageOutcome(outputs=[rel], summary=summary)
+            return StageOutcome(outputs=[rel], summary=asdict(report))
 
         return run.run_stage("quantize:fp16", inputs={"fp32": fp32}, settings={"precision": "fp16"},
                              action=fp16_action, force=force)
 
-    from rexport.calibration import CalibrationSettings, calibrate, open_reader_for
-    from rexport.pipeline.precision import QdqSettings, insert_qdq
+    from rexport.calibration import CalibrationSettings, calibrate, calibration_key, open_reader_for
+    from rexport.core.fsio import sha256_file
+    from rexport.pipeline.precision import QdqSettings, insert_qdq, tensors_to_calibrate
 
     calib = CalibrationSettings(method=settings.calib_method, samples=settings.calib_samples,
                                 batch_size=settings.calib_batch_size, seed=settings.seed)
     qdq = QdqSettings(exclude_nodes=tuple(settings.exclude), quantize_first_conv=not settings.skip_first_conv,
                       quantize_classifier=not settings.skip_classifier)
     spec = PreprocessSpec.from_onnx(fp32)
-    # Open the reader before the stage runs: bad calibration input fails here and writes nothing.
+    # Check the Q/DQ plan (e.g. --exclude names) and open the reader before the stage runs:
+    # bad input fails here and writes nothing.
+    tensors_to_calibrate(fp32, qdq)
     reader = open_reader_for(settings.calib_data, spec, calib)
     stage_settings = {**asdict(settings), "calibration": calib.to_dict(), "qdq": asdict(qdq),
                       "data_fingerprint": reader.fingerprint()}
 
     def int8_action() -> StageOutcome:
+        if force:  # --force recalibrates: drop this calibration's cache entry first
+            key = calibration_key(sha256_file(fp32), reader.fingerprint(), calib)
+            for f in (run.path / "calibration").glob(f"{key}.*"):
+                f.unlink()
         result = calibrate(fp32, reader, calib, run.path / "calibration", progress=progress)
         report = insert_qdq(fp32, result.ranges, run.file(rel), qdq)
         cal_rel = str(result.json_path.relative_to(run.path))
@@ -67,9 +73,11 @@ def run_quantize(run: RunDir, settings: QuantizeSettings, *, progress: bool = Tr
         summary = {
             "calibration": {"method": calib.method, "samples": result.samples, "data": settings.calib_data,
                             "description": result.data_description, "synthetic": result.synthetic,
-                            "key": result.key, "reused": result.reused, "seconds": round(result.seconds, 3)},
+                            "key": result.key, "reused": result.reused, "seconds": round(result.seconds, 3),
+                            # which samples were used, so evaluation can warn about overlap
+                            "sample_sha256": sorted(reader.sample_fingerprints()) if not reader.synthetic else []},
             "calibration_file": cal_rel, "tensorrt_cache": trt_rel,
-            "qdq": asdict(report) if hasattr(report, "__dataclass_fields__") else dict(report),
+            "qdq": asdict(report),
         }
         return StageOutcome(outputs=[rel, cal_rel, trt_rel], summary=summary)
 

@@ -68,16 +68,23 @@ class ValidateSettings:
 
 
 def make_inputs(spec: PreprocessSpec, settings: ValidateSettings) -> tuple[np.ndarray, dict]:
-    """The validation inputs: real images preprocessed as the model's metadata says, or seeded noise."""
+    """The validation inputs: real images preprocessed as the model's metadata says (a seeded subset
+    drawn across the whole folder tree, so every class is represented), or seeded noise shaped like a
+    normalised image. The noise uses its own seed stream, so it never repeats calibration batches."""
+    rng = np.random.default_rng([settings.seed, 0x7A11D])
     if settings.data == "synthetic":
-        rng = np.random.default_rng(settings.seed)
+        mean = np.asarray(spec.mean, np.float32).reshape(1, 3, 1, 1)
+        std = np.asarray(spec.std, np.float32).reshape(1, 3, 1, 1)
         x = rng.standard_normal((settings.samples, *spec.input_shape), dtype=np.float32)
-        return x, {"kind": "synthetic", "source": f"seeded normal noise (seed {settings.seed})",
-                   "samples": settings.samples}
+        x = np.clip(x, (0.0 - mean) / std, (1.0 - mean) / std).astype(np.float32)
+        return x, {"kind": "synthetic", "source": f"seeded normal noise in the normalised pixel range "
+                   f"(seed {settings.seed})", "samples": settings.samples}
     root = Path(settings.data)
     if not root.is_dir():
         raise InputError(f"validation data {root} is not a folder", "pass an image folder or 'synthetic'")
-    files = list_images(root)[: settings.samples]
+    files = list_images(root)
+    if len(files) > settings.samples:
+        files = [files[i] for i in np.sort(rng.choice(len(files), settings.samples, replace=False))]
     arrays, bad = [], 0
     for f in files:
         try:
@@ -183,36 +190,34 @@ def per_layer_errors(fp32_path: Path, int8_path: Path, x: np.ndarray, limit: int
     return results
 
 
-def validate_runner(runner: Runner, x: np.ndarray, refs: dict[int, np.ndarray], settings: ValidateSettings,
-                    precision: str, table=TOLERANCES) -> dict:
-    per_batch = {}
+def variant_logits(runner: Runner, x: np.ndarray, batch_sizes: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """The variant's logits on ``x`` at each batch size (one activation of the runner)."""
     with runner:
-        for b in settings.batch_sizes:
-            per_batch[str(b)] = compare_logits(run_batches(runner, x, b), refs[b])
+        return {b: run_batches(runner, x, b) for b in batch_sizes}
+
+
+def judge(logits: dict[int, np.ndarray], reference: np.ndarray, tolerances: dict[str, tuple[str, float]]) -> dict:
+    per_batch = {str(b): compare_logits(y, reference) for b, y in logits.items()}
     metrics = worst(per_batch)
-    tol = tolerances_for(precision, settings.tolerances, table)
-    failures = check(metrics, tol)
+    failures = check(metrics, tolerances)
     return {"batches": per_batch, "metrics": metrics,
-            "tolerances": {k: f"{op} {v:g}" for k, (op, v) in tol.items()},
+            "tolerances": {k: f"{op} {v:g}" for k, (op, v) in tolerances.items()},
             "passed": not failures, "failures": failures}
 
 
 def validate_variant(run: RunDir, variant: str, settings: ValidateSettings, *, x: np.ndarray, inputs: dict,
                      reference: np.ndarray) -> dict:
     precision = variant_precision(variant)
-    refs = {b: reference for b in settings.batch_sizes}
-    runner = open_variant(run, variant)
+    logits = variant_logits(open_variant(run, variant), x, settings.batch_sizes)
     result = {"variant": variant, "precision": precision, "reference": REFERENCE, "inputs": inputs,
               "random_weights": bool(run.require_export()["summary"].get("random_weights"))}
-    result.update(validate_runner(runner, x, refs, settings, precision))
+    result.update(judge(logits, reference, tolerances_for(precision, settings.tolerances)))
     result["against_source"] = None
     src = source_variant(run, variant)
-    if src is not None:
-        src_runner = OnnxRuntimeRunner(run.file(VARIANT_FILES[src]), name=src)
-        with src_runner:
+    if src is not None:  # an engine must also match the ONNX file it was compiled from
+        with OnnxRuntimeRunner(run.file(VARIANT_FILES[src]), name=src) as src_runner:
             src_logits = run_batches(src_runner, x, max(settings.batch_sizes))
-        against = validate_runner(open_variant(run, variant), x, {b: src_logits for b in settings.batch_sizes},
-                                  settings, precision, SOURCE_TOLERANCES)
+        against = judge(logits, src_logits, tolerances_for(precision, settings.tolerances, SOURCE_TOLERANCES))
         result["against_source"] = {"variant": src, **against}
         if not against["passed"]:
             result["passed"] = False
@@ -223,19 +228,41 @@ def validate_variant(run: RunDir, variant: str, settings: ValidateSettings, *, x
     return result
 
 
+def onnx_precision(path: Path) -> str:
+    """The precision an ONNX file computes in, read from its graph: Q/DQ nodes mean int8,
+    FP16 initializers fp16, else fp32."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        return "int8"
+    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
 def validate_onnx_file(path: str | os.PathLike, run: RunDir, settings: ValidateSettings) -> dict:
-    """Validate an arbitrary ONNX file (``--onnx FILE``) against the run's PyTorch reference."""
+    """Validate an arbitrary ONNX file (``--onnx FILE``) against the run's PyTorch reference, on the
+    run's preprocessing, with the tolerances of the precision its graph computes in."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p} not found", "pass an existing .onnx file")
-    spec = PreprocessSpec.from_onnx(p)
+    PreprocessSpec.from_onnx(p)  # a one-line error for a file that is not ONNX at all
+    spec = PreprocessSpec.from_onnx(run.require(VARIANT_FILES["fp32"], "rexport export"))
     x, inputs = make_inputs(spec, settings)
     ref = _reference_logits(run, x)
-    precision = "fp16" if "fp16" in p.name else "int8" if "int8" in p.name else "fp32"
-    refs = {b: ref for b in settings.batch_sizes}
+    precision = onnx_precision(p)
+    try:
+        logits = variant_logits(OnnxRuntimeRunner(p), x, settings.batch_sizes)
+    except InputError:
+        raise
+    except Exception as e:  # ORT's InvalidArgument/Fail: the file does not fit this run's model
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise InputError(f"{p} cannot run on this run's inputs: {first}",
+                         "validate a model exported from this run's checkpoint") from None
     res = {"variant": p.name, "precision": precision, "reference": REFERENCE, "inputs": inputs,
            "random_weights": bool(run.require_export()["summary"].get("random_weights"))}
-    res.update(validate_runner(OnnxRuntimeRunner(p), x, refs, settings, precision))
+    res.update(judge(logits, ref, tolerances_for(precision, settings.tolerances)))
     res["against_source"], res["per_layer"] = None, []
     return res
 

@@ -6,6 +6,7 @@ import shlex
 import shutil
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -455,8 +456,14 @@ def bundle(c: Ctx, variants, dest, archive, build_on_device, out):
     c.emit({"bundle": str(path)})
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
+    if not debug:
+        warnings.formatwarning = _one_line_warning
     try:
         cli.main(standalone_mode=False, prog_name="rexport")
     except click.exceptions.Abort:

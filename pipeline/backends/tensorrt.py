@@ -311,8 +311,22 @@ class CacheOnlyCalibration:
         pass    # never overwrite the run's calibration with what TensorRT echoes back
 
 
+def retag_cache(cache: bytes, version: str) -> bytes:
+    """The cache with its header's version set to the running TensorRT's (``TRT-<tag>-<algorithm>``):
+    TensorRT may skip a cache whose header names another version (NVIDIA/TensorRT#1378), and our
+    ranges do not depend on the TensorRT version."""
+    from rexport.calibration import tensorrt_version_tag
+
+    header, sep, body = cache.partition(b"\n")
+    parts = header.decode("ascii", errors="replace").strip().split("-", 2)
+    if len(parts) != 3:
+        return cache
+    return f"TRT-{tensorrt_version_tag(version)}-{parts[2]}".encode() + sep + body
+
+
 def make_cache_calibrator(trt, cache: bytes):
     """A trt.IInt8*Calibrator (of the algorithm the cache header names) that only reads ``cache``."""
+    cache = retag_cache(cache, trt.__version__)
     logic = CacheOnlyCalibration(cache)
     base = getattr(trt, logic.base_class, None)
     if base is None:

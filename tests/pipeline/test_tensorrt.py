@@ -324,3 +324,13 @@ def test_real_build_matches_onnxruntime(tmp_path):
     x = np.random.default_rng(0).standard_normal((4, 3, 64, 64), dtype=np.float32)
     with OnnxRuntimeRunner(onnx_path) as ref, backend.load(dest) as eng:
         np.testing.assert_allclose(eng.infer(x), ref.infer(x), atol=1e-3, rtol=1e-3)
+
+
+def test_cache_header_is_retagged_for_the_running_tensorrt():
+    from rexport.pipeline.backends.tensorrt import retag_cache
+
+    cache = b"TRT-8601-EntropyCalibration2\ninput: 3c010204\nrelu_1: 3d000000\n"
+    out = retag_cache(cache, "10.3.0")
+    assert out.splitlines()[0] == b"TRT-100300-EntropyCalibration2"
+    assert out.splitlines()[1:] == cache.splitlines()[1:]
+    assert CacheOnlyCalibration(retag_cache(cache, "8.5.2")).cache.startswith(b"TRT-8502-")

@@ -98,19 +98,21 @@ def _to_onnx_model(torch_model, settings: ExportSettings):
 
     spec = settings.preprocess
     batch = 2 if settings.batch == "dynamic" else int(settings.batch)
-    x = torch.randn(batch, *spec.input_shape)
+    x = torch.randn(batch, *spec.input_shape, generator=torch.Generator().manual_seed(settings.seed))
     kwargs: dict = {}
     if settings.batch == "dynamic":
         kwargs["dynamic_shapes"] = {"x": {0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)}}
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it warns that torchvision's ops are not registered: irrelevant here
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(torch_model, (x,), None, dynamo=True, opset_version=max(settings.opset, 18),
-                                    input_names=["input"], output_names=["logits"], verbose=False,
-                                    optimize=True, **kwargs)
-    quiet.setLevel(level)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(torch_model, (x,), None, dynamo=True,
+                                        opset_version=max(settings.opset, 18), input_names=["input"],
+                                        output_names=["logits"], verbose=False, optimize=True, **kwargs)
+    finally:
+        quiet.setLevel(level)
     model = program.model_proto
     model = portable_head(model)
     if settings.opset < 18:
@@ -186,11 +188,35 @@ def run_export(run: RunDir, settings: ExportSettings, *, force: bool = False) ->
         summary = export_onnx(settings, run.file(rel))
         return StageOutcome(outputs=[rel], summary=summary)
 
+    before = (run.stage("export") or {}).get("outputs", {}).get(rel)
     rec = run.run_stage("export", inputs={"weights": settings.weights}, settings=record, action=action, force=force)
+    if before and rec["outputs"].get(rel) != before:
+        drop_downstream(run)
     run.manifest["model"] = settings.model
     run.manifest["preprocess"] = settings.preprocess.to_dict()
     run.save()
     return rec
+
+
+#: what later stages made from the FP32 export; a new export makes all of it stale
+DOWNSTREAM = ("onnx/model.fp16.onnx", "onnx/model.int8.onnx", "calibration", "engines", "validate", "eval",
+              "bench", "report")
+
+
+def drop_downstream(run: RunDir) -> None:
+    """Remove every artifact and stage record made from a previous export, so no stale variant is
+    validated, benchmarked or reported against the new model."""
+    import shutil
+
+    for rel in DOWNSTREAM:
+        p = run.file(rel)
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    run.manifest["stages"] = {"export": run.manifest["stages"]["export"]}
+    run.save()
+    run.log("export changed: removed everything made from the previous export")
 
 
 def read_labels(path: str | os.PathLike) -> tuple[str, ...]:

@@ -35,6 +35,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def random_init(path: str | os.PathLike) -> bool:
+    """Whether an ONNX file written by rexport came from a seeded random init (no --weights)."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return props.get("rexport.weights_sha256", "").startswith("random-init")
+
+
 def infer_images(artifact: str | os.PathLike, images: list[str], *, topk: int = 5) -> list[dict]:
     if not images:
         raise InputError("no images given", "pass one or more image files after the artifact")
@@ -53,9 +61,10 @@ def infer_images(artifact: str | os.PathLike, images: list[str], *, topk: int = 
     probs = softmax(logits.astype(np.float64))
     k = max(1, min(topk, probs.shape[1]))
     results = []
+    untrained = Path(artifact).suffix == ".onnx" and random_init(artifact)
     for img, p in zip(images, probs):
         order = np.argsort(-p)[:k]
-        results.append({"image": str(img), "top": [
+        results.append({"image": str(img), "random_weights": untrained, "top": [
             {"class": int(i), "label": spec.labels[i] if spec.labels and i < len(spec.labels) else None,
              "probability": float(p[i])} for i in order]})
     return results

@@ -135,7 +135,9 @@ class RunDir:
             return False
         if st.get("settings_sha256") != sha256_json(settings):
             return False
-        if st.get("inputs") != self._fingerprint_inputs(inputs):
+        # compare contents, not how a path was spelled (relative/absolute, a moved run directory)
+        recorded = {k: v.get("sha256") for k, v in (st.get("inputs") or {}).items()}
+        if recorded != {k: v["sha256"] for k, v in self._fingerprint_inputs(inputs).items()}:
             return False
         for rel, sha in st.get("outputs", {}).items():
             p = self.path / rel

@@ -78,6 +78,8 @@ def run_all(run: RunDir, s: RunSettings, echo: Callable[[str, dict], None]) -> d
         note_checks(run_validate(run, vs, onnx_low))
 
     chosen = get_backend(s.backend)
+    if s.backend != "auto" and chosen.unavailable_reason():  # asked for by name: bad environment, exit 2
+        raise chosen.missing_dependency()
     for name, b in backends().items():  # say plainly which engine backends did not run, and why
         reason = b.unavailable_reason()
         if name != chosen.name and reason:
@@ -95,11 +97,39 @@ def run_all(run: RunDir, s: RunSettings, echo: Callable[[str, dict], None]) -> d
     else:
         echo("evaluate", run.record_skip("evaluate", "no labelled data given (--val-data / VAL=)"))
     bench_settings = BenchSettings(batch_sizes=s.bench_batch_sizes, min_time=s.bench_min_time)
-    echo("bench", run.run_stage("bench", inputs=_artifact_inputs(run), settings=_bench_record(bench_settings),
-                                action=lambda: _bench_action(run, bench_settings, s.progress)))
-    echo("report", run.run_stage("report", inputs={"manifest_stages": None}, settings={},
-                                 action=lambda: _report_action(run), force=True))
+    bench = run.run_stage("bench", inputs=_artifact_inputs(run), settings=_bench_record(bench_settings),
+                          action=lambda: _bench_action(run, bench_settings, s.progress))
+    echo("bench", bench)
+    if bench.get("summary", {}).get("errors"):
+        failed.append("bench")
+    echo("report", run.run_stage("report", inputs={}, settings={}, action=lambda: _report_action(run), force=True))
     return {"failed": failed, "seconds": time.perf_counter() - t_start}
+
+
+def run_notes(run: RunDir, *, weights, calib_data: str, precisions, val_data) -> list[str]:
+    """What a reader of the summary must know: made-up inputs, and timings that did not settle."""
+    notes = []
+    if not weights:
+        notes.append("random weights (no --weights): accuracy and agreement figures say nothing about a trained model")
+    if calib_data == "synthetic" and "int8" in precisions:
+        notes.append("synthetic calibration data: INT8 ranges are not representative of real images")
+    if not val_data:
+        notes.append("no labelled data (--val-data): the accuracy stage did not run")
+    results = run.file("bench/results.json")
+    if results.exists():
+        import json
+
+        bench = json.loads(results.read_text())
+        unstable = [f"{r['variant']} b{r['batch']}" for r in bench.get("rows", [])
+                    if r.get("status") == "ok" and r.get("stable") is False]
+        if unstable:
+            notes.append(f"latency did not settle for {', '.join(unstable)} (a busy machine?): "
+                         "their speed-ups are rough; rerun 'rexport bench'")
+        load = (bench.get("load_average") or {}).get("before")
+        cores = ((bench.get("environment") or {}).get("cpu") or {}).get("cores") or 1
+        if load is not None and load > 0.5 * cores:
+            notes.append(f"load average was {load:.1f} on {cores} cores during the benchmark: timings are noisy")
+    return notes
 
 
 def _artifact_inputs(run: RunDir) -> dict:

@@ -50,6 +50,14 @@ def load_reference(run: RunDir):
 
     st = run.require_export()
     s = st["settings"]
+    recorded = ((st.get("inputs") or {}).get("weights") or {}).get("sha256")
+    if s.get("weights"):
+        from rexport.core.fsio import sha256_file
+
+        path = Path(s["weights"])
+        if not path.is_file() or sha256_file(path) != recorded:
+            raise InputError(f"checkpoint {path} is missing or changed since it was exported",
+                             "run 'rexport export' again with it (the PyTorch reference must match the ONNX)")
     return load_model(s["model"], s.get("weights"), num_classes=s.get("num_classes"),
                       trust_checkpoint=s.get("trust_checkpoint", False), seed=s.get("seed", 0))
 

@@ -263,8 +263,13 @@ def build(c: Ctx, backend, precisions, min_batch, opt_batch, max_batch, workspac
                              timing_cache=timing_cache, builder_opt_level=builder_opt_level, legacy=legacy,
                              dla_core=dla_core, version_compatible=version_compatible,
                              hardware_compatible=hardware_compatible, threads=threads)
+    from rexport.pipeline.backends import get_backend
+
     run = _open_run(out)
     run.require_export()
+    chosen = get_backend(backend)
+    if chosen.unavailable_reason():  # refuse before touching the run directory
+        raise chosen.missing_dependency()
     with run.locked():
         _log_command(run)
         recs = build_engines(run, backend=backend, precisions=list(precisions) or None, settings=settings,
@@ -386,7 +391,7 @@ def run_cmd(c: Ctx, model, weights, num_classes, trust_checkpoint, labels, input
     """Every stage: export, validate, fp16, int8, engines, evaluate, bench, report."""
     from rexport.pipeline.export import export_settings_from_options
     from rexport.pipeline.report import format_table, summary_rows
-    from rexport.pipeline.run import RunSettings, run_all
+    from rexport.pipeline.run import RunSettings, run_all, run_notes
 
     export_settings = export_settings_from_options(
         model=model, weights=weights, num_classes=num_classes, trust_checkpoint=trust_checkpoint, seed=0,
@@ -398,18 +403,21 @@ def run_cmd(c: Ctx, model, weights, num_classes, trust_checkpoint, labels, input
                            command="rexport " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                            progress=not (c.quiet or c.json))
     run = _open_run(out, model, must_exist=False)
-    with run.locked():
-        _log_command(run)
-        outcome = run_all(run, settings, c.stage)
-    c.line("")
-    c.line(format_table(summary_rows(run)))
-    if not weights:
-        c.line("note: random weights (no --weights): accuracy and agreement figures say nothing about a trained model")
-    if calib_data == "synthetic" and "int8" in precisions:
-        c.line("note: synthetic calibration data: INT8 ranges are not representative of real images")
-    if not val_data:
-        c.line("note: no labelled data (--val-data): the accuracy stage did not run")
-    c.line(f"report: {run.file('report/report.html')}  ({outcome['seconds']:.0f} s)")
+    created = not run.path.exists()
+    try:
+        with run.locked():
+            _log_command(run)
+            outcome = run_all(run, settings, c.stage)
+    except BaseException:
+        if created and (run.stage("export") or {}).get("status") != "ok":
+            shutil.rmtree(run.path, ignore_errors=True)  # nothing usable was made: leave nothing behind
+        raise
+    say = (lambda text: None) if c.json else click.echo   # the summary shows even with -q
+    say("")
+    say(format_table(summary_rows(run)))
+    for note in run_notes(run, weights=weights, calib_data=calib_data, precisions=precisions, val_data=val_data):
+        say(f"note: {note}")
+    say(f"report: {run.file('report/report.html')}  ({outcome['seconds']:.0f} s)")
     c.emit({"failed": outcome["failed"], "report": str(run.file("report/report.json"))})
     if outcome["failed"]:
         raise CheckFailed(f"checks failed: {', '.join(outcome['failed'])} (see the report)")
@@ -420,13 +428,15 @@ def run_cmd(c: Ctx, model, weights, num_classes, trust_checkpoint, labels, input
 @cli.command()
 @click.argument("artifact")
 @click.argument("images", nargs=-1)
-@click.option("--topk", type=int, default=5, show_default=True)
+@click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True)
 @click.pass_obj
 def infer(c: Ctx, artifact, images, topk):
     """Classify image files with an .onnx, a .plan, an OpenVINO .xml or an engine folder."""
     from rexport.pipeline.infer import infer_images
 
     results = infer_images(artifact, list(images), topk=topk)
+    if results and results[0]["random_weights"]:
+        c.line("note: this model has seeded random weights (exported without --weights): its classes mean nothing")
     for r in results:
         c.line(r["image"])
         for t in r["top"]:

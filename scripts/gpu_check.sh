@@ -46,9 +46,14 @@ from rexport.pipeline.backends.tensorrt import TensorRTBackend, cuda_gpu
 ctypes_view, why = cuda_gpu()
 print(f"tensorrt backend cuda_gpu() (CUDA driver via ctypes, {1000 * (time.perf_counter() - t0):.0f} ms):", ctypes_view or why)
 print("torch or tensorrt imported by that:", [m for m in ("torch", "tensorrt") if m in sys.modules])
-from rexport.core.env import cuda_device
-torch_view = cuda_device()
-print("rexport.core.env.cuda_device() (torch):", torch_view)
+try:
+    import torch
+    torch_view = ({"name": torch.cuda.get_device_name(0),
+                   "compute_capability": "%d.%d" % torch.cuda.get_device_capability(0)}
+                  if torch.cuda.is_available() else None)
+except ImportError:
+    torch_view = None
+print("torch.cuda view:", torch_view)
 if torch_view and ctypes_view:
     same = (torch_view["compute_capability"], torch_view["name"]) == (ctypes_view["compute_capability"], ctypes_view["name"])
     print("torch and the driver query agree:", same)

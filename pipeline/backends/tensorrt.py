@@ -14,8 +14,6 @@ tested on CPU; ``tensorrt`` and polygraphy's TensorRT loaders are imported insid
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import importlib.util
 import sys
 import time
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rexport.core.env import cuda_gpu
 from rexport.core.errors import InputError, MissingDependency
 from rexport.pipeline.backends import Backend, BuildSettings, register
 from rexport.pipeline.backends.sidecar import make_sidecar, read_sidecar, verify_engine_files, version_tuple
@@ -191,45 +190,6 @@ def trt_compat_problems(sidecar: dict, facts: dict) -> list[str]:
 
 
 # -- this machine ---------------------------------------------------------------------------------
-
-
-def _cuda_driver():
-    """The CUDA driver library, or None. Without it neither TensorRT nor torch.cuda can see a GPU."""
-    names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
-    for name in names:
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    return None
-
-
-@functools.lru_cache(maxsize=4)
-def cuda_gpu(index: int = 0) -> tuple[dict | None, str | None]:
-    """(device facts, None) for CUDA device ``index``, or (None, why not); through the CUDA driver
-    API with ctypes, so it needs neither torch nor cuda-python and creates no CUDA context."""
-    lib = _cuda_driver()
-    if lib is None:
-        return None, "no NVIDIA driver: libcuda.so.1 not found"
-    rc = lib.cuInit(0)
-    if rc != 0:
-        why = {100: "no CUDA-capable device", 999: "unknown error", 35: "driver too old",
-               803: "driver/runtime mismatch"}.get(rc, "error")
-        return None, f"cuInit failed with CUDA error {rc} ({why})"
-    count = ctypes.c_int(0)
-    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value <= index:
-        return None, f"the NVIDIA driver sees {count.value} CUDA device(s)"
-    dev, major, minor, integrated, drv = (ctypes.c_int(0) for _ in range(5))
-    name = ctypes.create_string_buffer(256)
-    lib.cuDeviceGet(ctypes.byref(dev), index)
-    lib.cuDeviceGetName(name, 256, dev)
-    lib.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)       # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
-    lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)       # ..._MINOR
-    lib.cuDeviceGetAttribute(ctypes.byref(integrated), 18, dev)  # CU_DEVICE_ATTRIBUTE_INTEGRATED (Jetson)
-    lib.cuDriverGetVersion(ctypes.byref(drv))
-    return {"name": name.value.decode(errors="replace"), "compute_capability": f"{major.value}.{minor.value}",
-            "integrated": bool(integrated.value),
-            "cuda_driver": f"{drv.value // 1000}.{(drv.value % 1000) // 10}"}, None
 
 
 def _import_tensorrt():

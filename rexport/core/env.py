@@ -1,9 +1,11 @@
 """Facts about this machine and the installed tools, read without importing heavy packages."""
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import platform
+import sys
 from importlib import metadata
 
 TRACKED_PACKAGES = ("rexport", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxslim",
@@ -45,17 +47,48 @@ def cpu_has(flag: str) -> bool:
     return flag in cpu_info()["isa"]
 
 
+def _cuda_driver():
+    """The CUDA driver library, or None. Without it neither TensorRT nor torch.cuda can see a GPU."""
+    names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
+    for name in names:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def cuda_gpu(index: int = 0) -> tuple[dict | None, str | None]:
+    """(device facts, None) for CUDA device ``index``, or (None, why not); through the CUDA driver
+    API with ctypes, so it needs neither torch nor cuda-python and creates no CUDA context."""
+    lib = _cuda_driver()
+    if lib is None:
+        return None, "no NVIDIA driver: libcuda.so.1 not found"
+    rc = lib.cuInit(0)
+    if rc != 0:
+        why = {100: "no CUDA-capable device", 999: "unknown error", 35: "driver too old",
+               803: "driver/runtime mismatch"}.get(rc, "error")
+        return None, f"cuInit failed with CUDA error {rc} ({why})"
+    count = ctypes.c_int(0)
+    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value <= index:
+        return None, f"the NVIDIA driver sees {count.value} CUDA device(s)"
+    dev, major, minor, integrated, drv = (ctypes.c_int(0) for _ in range(5))
+    name = ctypes.create_string_buffer(256)
+    lib.cuDeviceGet(ctypes.byref(dev), index)
+    lib.cuDeviceGetName(name, 256, dev)
+    lib.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)       # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+    lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)       # ..._MINOR
+    lib.cuDeviceGetAttribute(ctypes.byref(integrated), 18, dev)  # CU_DEVICE_ATTRIBUTE_INTEGRATED (Jetson)
+    lib.cuDriverGetVersion(ctypes.byref(drv))
+    return {"name": name.value.decode(errors="replace"), "compute_capability": f"{major.value}.{minor.value}",
+            "integrated": bool(integrated.value),
+            "cuda_driver": f"{drv.value // 1000}.{(drv.value % 1000) // 10}"}, None
+
+
 def cuda_device() -> dict | None:
-    """The first CUDA device as {name, compute_capability}, or None. Imports torch lazily."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    major, minor = torch.cuda.get_device_capability(0)
-    return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}",
-            "cuda": torch.version.cuda}
+    """The first CUDA device's facts (name, compute capability, driver), or None."""
+    return cuda_gpu()[0]
 
 
 def environment() -> dict:

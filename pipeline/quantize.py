@@ -24,6 +24,7 @@ class QuantizeSettings:
     exclude: tuple[str, ...] = ()          # node names left in float
     skip_first_conv: bool = False
     skip_classifier: bool = False
+    residual_add: str = "both"             # Q/DQ on both Add inputs (OpenVINO fuses) or "residual" only
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -52,7 +53,7 @@ def run_quantize(run: RunDir, settings: QuantizeSettings, *, progress: bool = Tr
     calib = CalibrationSettings(method=settings.calib_method, samples=settings.calib_samples,
                                 batch_size=settings.calib_batch_size, seed=settings.seed)
     qdq = QdqSettings(exclude_nodes=tuple(settings.exclude), quantize_first_conv=not settings.skip_first_conv,
-                      quantize_classifier=not settings.skip_classifier)
+                      quantize_classifier=not settings.skip_classifier, residual_add=settings.residual_add)
     spec = PreprocessSpec.from_onnx(fp32)
     # Check the Q/DQ plan (e.g. --exclude names) and open the reader before the stage runs:
     # bad input fails here and writes nothing.

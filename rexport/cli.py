@@ -207,18 +207,22 @@ def _print_validation(c: Ctx, name: str, res: dict) -> None:
 @click.option("--exclude", multiple=True, help="Node name to leave in float (repeatable).")
 @click.option("--skip-first-conv", is_flag=True, help="Leave the stem convolution in float.")
 @click.option("--skip-classifier", is_flag=True, help="Leave the final fully connected layer in float.")
+@click.option("--residual-qdq", type=click.Choice(["both", "residual"]), default="both", show_default=True,
+              help="Q/DQ on both inputs of each residual Add (OpenVINO fuses Conv+Add), or on the residual "
+                   "input only (TensorRT's recommended placement).")
 @click.option("--quiet", "no_progress", is_flag=True, help="No progress bars.")
 @click.option("--force", is_flag=True)
 @out_option
 @click.pass_obj
 def quantize(c: Ctx, precision, calib_data, calib_samples, calib_method, calib_batch_size, exclude,
-             skip_first_conv, skip_classifier, no_progress, force, out):
+             skip_first_conv, skip_classifier, residual_qdq, no_progress, force, out):
     """FP16 (mixed precision) or INT8 (explicit Q/DQ from our calibration) ONNX variants."""
     from rexport.pipeline.quantize import QuantizeSettings, run_quantize
 
     settings = QuantizeSettings(precision=precision, calib_data=calib_data, calib_samples=calib_samples,
                                 calib_method=calib_method, calib_batch_size=calib_batch_size, exclude=exclude,
-                                skip_first_conv=skip_first_conv, skip_classifier=skip_classifier)
+                                skip_first_conv=skip_first_conv, skip_classifier=skip_classifier,
+                                residual_add=residual_qdq)
     run = _open_run(out)
     with run.locked():
         _log_command(run)

@@ -125,12 +125,12 @@ def version_tuple(version: str | None) -> tuple[int, ...]:
 
 
 def load_engine(engine_dir: Path, *, threads: int | None = None) -> "Runner":
-    """A runner for an engine folder: read its sidecar, verify its files, let its backend load it."""
+    """A runner for an engine folder: read its sidecar and let its backend load it (each backend's
+    ``load`` verifies the engine files and checks the sidecar against this machine)."""
     from rexport.pipeline.backends import get_backend
 
     engine_dir = Path(engine_dir)
     sidecar = read_sidecar(engine_dir)
-    verify_engine_files(engine_dir, sidecar)
     if sidecar["backend"] == "auto":
         raise InputError(f"{engine_dir / SIDECAR_NAME} names no backend ('auto')", rebuild_hint())
     backend = get_backend(str(sidecar["backend"]))

@@ -125,10 +125,6 @@ def run_notes(run: RunDir, *, weights, calib_data: str, precisions, val_data) ->
         if unstable:
             notes.append(f"latency did not settle for {', '.join(unstable)} (a busy machine?): "
                          "their speed-ups are rough; rerun 'rexport bench'")
-        load = (bench.get("load_average") or {}).get("before")
-        cores = ((bench.get("environment") or {}).get("cpu") or {}).get("cores") or 1
-        if load is not None and load > 0.5 * cores:
-            notes.append(f"load average was {load:.1f} on {cores} cores during the benchmark: timings are noisy")
     return notes
 
 

@@ -271,6 +271,7 @@ class ArrayReader:
             raise InputError(f"{label} holds {dtype} values, expected already-preprocessed floats",
                              "normalise the images first, or pass the image folder instead")
         self.dtype = dtype
+        self._spec = spec
         self.count = min(samples, int(rows_shape[0]))
         self.description = f"{self.count} preprocessed samples from {label}"
         self._pos = 0
@@ -320,11 +321,13 @@ class ArrayReader:
         rows: list[str] = []
         saved = (self._pos, self._chunks, self._pending)
         self.rewind()
+        lo, hi = np.inf, -np.inf
         try:
             pos = 0
             while pos < self.count:
                 n = min(64, self.count - pos)
                 x = self._rows(pos, n)
+                lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
                 if not np.isfinite(x).all():  # refuse before any stage runs, not mid-calibration
                     bad = pos + int(np.flatnonzero(~np.isfinite(x).reshape(n, -1).all(axis=1))[0])
                     raise InputError(f"{self.path}: sample {bad} contains NaN or infinite values",
@@ -336,8 +339,20 @@ class ArrayReader:
                 pos += n
         finally:
             self._pos, self._chunks, self._pending = saved
+        self._warn_if_not_normalised(lo, hi)
         whole.update(f"\n{(self.count, *self._shape_tail())}".encode())
         self._fingerprint, self._row_hashes = whole.hexdigest(), rows
+
+    def _warn_if_not_normalised(self, lo: float, hi: float) -> None:
+        """Arrays far outside the range the model's preprocessing gives (e.g. raw 0-255 pixels) are
+        the commonest cause of INT8 accuracy collapse: say so before calibrating on them."""
+        mean, std = np.asarray(self._spec.mean), np.asarray(self._spec.std)
+        want_lo, want_hi = float(((0 - mean) / std).min()), float(((1 - mean) / std).max())
+        slack = 2 * (want_hi - want_lo)
+        if lo < want_lo - slack or hi > want_hi + slack:
+            warnings.warn(f"{self.path} values span [{lo:.3g}, {hi:.3g}], far outside [{want_lo:.3g}, {want_hi:.3g}] "
+                          "that this model's preprocessing gives: were they resized, scaled to [0, 1] and "
+                          "normalised with the model's mean/std?", stacklevel=2)
 
     def _shape_tail(self) -> tuple[int, ...]:
         src = self._mmap.shape if self._mmap is not None else self._stream.shape  # type: ignore[union-attr]

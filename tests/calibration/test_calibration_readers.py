@@ -227,3 +227,19 @@ def test_image_fingerprints_find_shared_images(tmp_path: Path, mixed_folder: Pat
     assert image_fingerprints("synthetic") == set()
     with pytest.raises(InputError):
         image_fingerprints(tmp_path / "nothing-here")
+
+
+def test_raw_pixel_arrays_are_flagged(tmp_path):
+    """Arrays that were not normalised (raw 0-255 pixels) get a warning before calibration."""
+    from rexport.calibration import open_reader
+
+    spec = PreprocessSpec(input_size=16, resize=16)
+    raw = np.random.default_rng(0).uniform(0, 255, (4, 3, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "raw.npy", raw)
+    with pytest.warns(UserWarning, match="far outside"):
+        open_reader(tmp_path / "raw.npy", spec, samples=4, batch_size=2).fingerprint()
+    ok = ((raw / 255.0 - 0.45) / 0.225).astype(np.float32)
+    np.save(tmp_path / "ok.npy", ok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        open_reader(tmp_path / "ok.npy", spec, samples=4, batch_size=2).fingerprint()

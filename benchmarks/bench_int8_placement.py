@@ -22,7 +22,6 @@ float (bf16 on CPUs with AVX512-BF16), the same for ours and NNCF's. Needs nncf 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -37,7 +36,8 @@ import onnx
 import onnxruntime as ort
 
 from rexport.core.fsio import atomic_write_json
-from rexport.core.preprocess import METADATA_KEY
+from rexport.core.preprocess import PreprocessSpec
+from rexport.pipeline.export import ExportSettings, export_onnx
 from rexport.pipeline.precision import QdqSettings, insert_qdq, tensors_to_calibrate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "int8_placement.json"
@@ -55,13 +55,14 @@ OV_UNSIGNED = ("ours", "ours-add-residual")
 
 
 def export_fp32(name: str, path: Path, seed: int = 0) -> None:
+    """The model as the export stage writes it, from a checkpoint whose BN statistics come from a few
+    random batches: the folded Convs get realistic scales and biases."""
     import torch
 
     from rexport.models.resnet import MODELS
 
     torch.manual_seed(seed)
     model = MODELS[name](num_classes=1000)
-    # BN statistics from a few random batches: the folded Convs get realistic scales and biases
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None
@@ -69,15 +70,9 @@ def export_fp32(name: str, path: Path, seed: int = 0) -> None:
     with torch.no_grad():
         for _ in range(3):
             model(torch.randn(8, 3, SIZE, SIZE))
-    model.eval()
-    x = torch.randn(1, 3, SIZE, SIZE)
-    torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=17, input_names=["input"],
-                      output_names=["logits"], dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}},
-                      external_data=False, verbose=False)
-    m = onnx.load(str(path))
-    entry = m.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps({"input_size": SIZE})
-    onnx.save(m, str(path))
+    ckpt = path.with_suffix(".pth")
+    torch.save(model.state_dict(), ckpt)
+    export_onnx(ExportSettings(model=name, weights=str(ckpt), preprocess=PreprocessSpec(input_size=SIZE)), path)
 
 
 def calibration_batches(n: int = 4, batch: int = 8, seed: int = 1) -> list[np.ndarray]:

@@ -121,16 +121,61 @@ def convert_fp16(fp32_path: Path, out_path: Path, *,
         if init.data_type == TensorProto.FLOAT and init.name in kept_inputs:
             kept_weights[init.name] = TensorProto()
             kept_weights[init.name].CopyFrom(init)
+    guards = _guard_blocked_outputs(model, set(block))
     with warnings.catch_warnings():
         # the converter warns once per clamped value; the count goes into the report instead
         warnings.simplefilter("ignore", UserWarning)
         fp16 = float16.convert_float_to_float16(
             model, min_positive_val=_FP16_MIN_SUBNORMAL, max_finite_val=_FP16_MAX, keep_io_types=True,
             op_block_list=block)
+    _unguard_blocked_outputs(fp16, guards)
     _restore_fp32_weights(fp16, kept_weights)
     _set_metadata(fp16, metadata)
     path = _write_checked(fp16, out_path)
     return FP16Report(path=path, size_bytes=path.stat().st_size, fp32_nodes=fp32_nodes, clamped_values=clamped)
+
+
+_GUARD_SUFFIX = "__rexport_fp32_out"
+
+
+def _guard_blocked_outputs(model: onnx.ModelProto, block: set[str]) -> list[str]:
+    """Put an Identity between each kept-in-FP32 node and the graph output it writes.
+
+    onnxconverter-common (1.16) fails with keep_io_types when a blocked node writes a graph output
+    ("The downstream node of the second cast node should be graph output"), which is exactly the
+    classifier Gemm of every exported ResNet. The Identity is removed again after conversion."""
+    outputs = {o.name for o in model.graph.output}
+    guarded = []
+    for node in model.graph.node:
+        if node.op_type in block:
+            for i, name in enumerate(node.output):
+                if name in outputs:
+                    node.output[i] = name + _GUARD_SUFFIX
+                    model.graph.node.append(onnx.helper.make_node("Identity", [node.output[i]], [name],
+                                                                  name=name + _GUARD_SUFFIX))
+                    guarded.append(name)
+    return guarded
+
+
+def _unguard_blocked_outputs(model: onnx.ModelProto, guarded: list[str]) -> None:
+    """Undo ``_guard_blocked_outputs``: the converter wrapped each guard Identity in casts to FP16 and
+    back; the FP32 node writes its graph output directly again, without a trip through FP16."""
+    g = model.graph
+    for name in guarded:
+        producers = {o: n for n in g.node for o in n.output}
+        doomed, t = [], name
+        while producers.get(t) is not None and producers[t].op_type in ("Cast", "Identity"):
+            doomed.append(producers[t])
+            t = producers[t].input[0]
+        if producers.get(t) is None or len(doomed) > 4:
+            raise RuntimeError(f"unexpected FP16 conversion around output {name}")
+        node = producers[t]
+        node.output[list(node.output).index(t)] = name
+        stale = {name, *(o for n in doomed for o in n.output)}
+        for n in doomed:
+            g.node.remove(n)
+        for vi in [v for v in g.value_info if v.name in stale or v.name == t]:
+            g.value_info.remove(vi)
 
 
 def _restore_fp32_weights(model: onnx.ModelProto, originals: dict[str, TensorProto]) -> None:

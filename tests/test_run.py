@@ -66,9 +66,11 @@ def test_unchanged_rerun_redoes_nothing(finished_run, labelled):
                        "--calib-samples", "12", "--val-data", labelled, "--bench-min-time", "0.2", "--out", out)
     assert proc.returncode == 0, proc.stderr
     after = json.loads((out / "manifest.json").read_text())["stages"]
+    log = (out / "run.log").read_text().split("$ rexport run")[-1]  # what the rerun did
     for name, st in after.items():
         if name != "report" and st["status"] == "ok":
-            assert st["started"] == before[name]["started"], f"{name} was redone"
+            assert st == before[name], f"{name} was redone"
+            assert f"{name}: unchanged, reused" in log and f"{name}: started" not in log
     assert proc.stdout.count(" reused ") >= 10
 
 

@@ -1,7 +1,6 @@
 """FP16 and INT8 Q/DQ conversion on a real exported ResNet-18, checked in real ONNX Runtime and OpenVINO."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +11,16 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from rexport.core.errors import InputError
-from rexport.core.preprocess import METADATA_KEY
+from rexport.core.preprocess import METADATA_KEY, PreprocessSpec
 from rexport.models.resnet import resnet18
+from rexport.pipeline.export import ExportSettings, export_onnx
 from rexport.pipeline.precision import (QdqSettings, convert_fp16, drop_residual_branch_qdq, insert_qdq,
                                         quantized_layer_outputs, tensors_to_calibrate)
 
 SIZE = 64
 NUM_CLASSES = 10
-PREPROCESS = json.dumps({"input_size": SIZE, "resize": 73})
+SPEC = PreprocessSpec(input_size=SIZE, resize=73)
+PREPROCESS = SPEC.to_json()
 
 
 @pytest.fixture(scope="module")
@@ -29,25 +30,20 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fp32_path(work: Path) -> Path:
-    """ResNet-18 as the export stage writes it: BN folded into the Convs (with biases), dynamic batch."""
+    """ResNet-18 written by the export stage itself (BN folded into the Convs, opset 17, dynamic batch),
+    from a checkpoint whose BN statistics come from data, so the folded Convs have real biases and scales."""
     torch.manual_seed(0)
     model = resnet18(num_classes=NUM_CLASSES)
-    for m in model.modules():  # BN statistics from data, so the folded Convs have real biases and scales
+    for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None
     model.train()
     with torch.no_grad():
         for _ in range(2):
             model(torch.randn(8, 3, SIZE, SIZE))
-    model.eval()
+    torch.save(model.state_dict(), work / "bn.pth")
     path = work / "model.fp32.onnx"
-    torch.onnx.export(model, (torch.randn(1, 3, SIZE, SIZE),), str(path), dynamo=True, opset_version=17,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}}, external_data=False)
-    m = onnx.load(str(path))
-    entry = m.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, PREPROCESS
-    onnx.save(m, str(path))
+    export_onnx(ExportSettings(model="resnet18", weights=str(work / "bn.pth"), preprocess=SPEC), path)
     return path
 
 
@@ -164,6 +160,7 @@ def test_fp16_keep_fp32_ops_leaves_those_nodes_in_fp32(fp32_path: Path, work: Pa
     for name in gemm.input[1:]:  # weights and bias: the FP32 tensors themselves, not an FP16 copy cast back
         np.testing.assert_array_equal(g.array(name), numpy_helper.to_array(fc[name]))
     assert g.source(gemm.input[0]) == "Cast"
+    assert gemm.output[0] == "logits", "the FP32 classifier writes the graph output, no trip through FP16"
     assert g.inits[g.of_type("Conv")[0].input[1]].data_type == TensorProto.FLOAT16
     assert _cosines(_run(rep.path, _batch(2, 5)), _run(fp32_path, _batch(2, 5))).min() > 0.999
 
@@ -212,7 +209,7 @@ def test_both_inputs_of_every_add_are_quantized(int8):
 
 def test_pools_run_on_quantized_inputs_without_requantizing(int8):
     g = Graph(int8.path)
-    (maxpool,), (gap,) = g.of_type("MaxPool"), g.of_type("ReduceMean")
+    (maxpool,), (gap,) = g.of_type("MaxPool"), g.of_type("GlobalAveragePool")
     for pool in (maxpool, gap):
         assert g.source(pool.input[0]) == "DequantizeLinear", pool.name
     # a max-pool of INT8 values is INT8 already: a second Q/DQ on its output would cost OpenVINO a

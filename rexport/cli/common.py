@@ -1,0 +1,71 @@
+"""What every command module shares: the context object, option helpers, opening a run directory."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+import click
+
+from rexport.core.errors import InputError
+
+MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d")
+
+
+class Ctx:
+    def __init__(self, debug: bool, verbose: bool, as_json: bool, quiet: bool) -> None:
+        self.debug, self.verbose, self.json, self.quiet = debug, verbose, as_json, quiet
+
+    def line(self, text: str) -> None:
+        if not self.json and not self.quiet:
+            click.echo(text)
+
+    def stage(self, name: str, rec: dict) -> None:
+        """One line per stage: name, status, elapsed time."""
+        reused = rec.get("reused")
+        status = "reused" if reused else rec.get("status", "ok")
+        extra = f"  ({rec['reason']})" if rec.get("reason") else ""
+        elapsed = 0.0 if reused else rec.get("duration_s", 0.0)  # a reused stage did no work now
+        self.line(f"{name:<24} {status:<8} {elapsed:7.1f} s{extra}")
+
+    def emit(self, obj) -> None:
+        if self.json:
+            click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def csv_list(kind):
+    def convert(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return tuple(kind(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got {value!r}") from None
+    return convert
+
+
+def open_run(out: str | None, model: str = "resnet18", *, must_exist: bool = True):
+    from rexport.pipeline.manifest import RunDir, default_run_dir
+
+    run = RunDir(out or default_run_dir(model))
+    if must_exist and not run.exists():
+        raise InputError(f"no run in {run.path} (no manifest.json)", "run 'rexport export' first (or pass --out)")
+    return run
+
+
+def log_command(run) -> None:
+    run.log("$ rexport " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+
+
+def out_option(f):
+    return click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+                        help="Run directory (default artifacts/<model>, model default resnet18).")(f)
+
+
+def floats3(ctx, param, value):
+    if value is None:
+        return None
+    vals = csv_list(float)(ctx, param, value)
+    if len(vals) != 3:
+        raise click.BadParameter("takes three comma-separated values, e.g. 0.485,0.456,0.406")
+    return vals

@@ -38,7 +38,7 @@ import onnxruntime as ort
 from rexport.core.fsio import atomic_write_json
 from rexport.core.preprocess import PreprocessSpec
 from rexport.pipeline.export import ExportSettings, export_onnx
-from rexport.pipeline.precision import QdqSettings, insert_qdq, tensors_to_calibrate
+from rexport.pipeline.quantization import QdqSettings, insert_qdq, tensors_to_calibrate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "int8_placement.json"
 SIZE = 224

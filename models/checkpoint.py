@@ -71,8 +71,9 @@ def load_state_dict(path: str | os.PathLike, *, trust_checkpoint: bool = False) 
 
 def load_model(name: str, weights: str | os.PathLike | None = None, *, num_classes: int | None = None,
                trust_checkpoint: bool = False, seed: int = 0) -> LoadedModel:
-    """Build ``name`` and load ``weights`` into it, or seed a random init when there are none."""
-    build = _builder(name)
+    """Build ``name`` (ours, ``timm:<name>`` or ``module:function``) and load ``weights`` into it,
+    or seed a random init when there are none."""
+    build, head_key, default_classes = _builder(name)
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                     or num_classes < 1):
         raise InputError(f"num_classes must be a positive integer, got {num_classes!r}",
@@ -81,20 +82,20 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *, num_class
     if weights is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = build(num_classes=num_classes or 1000)
+            model = build(num_classes=num_classes or default_classes)
         model.eval()
-        return LoadedModel(model=model, name=name, num_classes=num_classes or 1000, weights_path=None,
-                           weights_sha256=None, random_init=True, seed=seed)
+        return LoadedModel(model=model, name=name, num_classes=_classes(model, num_classes or default_classes),
+                           weights_path=None, weights_sha256=None, random_init=True, seed=seed)
 
     path = Path(weights)
     state = load_state_dict(path, trust_checkpoint=trust_checkpoint)
-    head = state.get("fc.weight")
+    head = state.get(head_key) if head_key else None
     ckpt_classes = int(head.shape[0]) if isinstance(head, Tensor) and head.dim() == 2 else None
     if num_classes is None:
-        num_classes = ckpt_classes or 1000
+        num_classes = ckpt_classes or default_classes
     elif ckpt_classes is not None and ckpt_classes != num_classes:
         raise InputError(
-            f"checkpoint {path} has a {ckpt_classes}-class head (fc.weight {_shape(head)}), "
+            f"checkpoint {path} has a {ckpt_classes}-class head ({head_key} {_shape(head)}), "
             f"but num_classes={num_classes} was asked for",
             f"leave --num-classes out to use the checkpoint's {ckpt_classes} classes") from None
 
@@ -113,8 +114,18 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *, num_class
         first = str(e).strip().splitlines()[-1].strip()
         raise InputError(f"checkpoint {path} does not fit {name}: {first}", _FIT_HINT) from None
     model.eval()
-    return LoadedModel(model=model, name=name, num_classes=num_classes, weights_path=os.path.abspath(path),
-                       weights_sha256=sha256_file(path), random_init=False, seed=None)
+    return LoadedModel(model=model, name=name, num_classes=_classes(model, num_classes),
+                       weights_path=os.path.abspath(path), weights_sha256=sha256_file(path), random_init=False,
+                       seed=None)
+
+
+def _classes(model: nn.Module, asked: int | None) -> int:
+    """The class count: as asked (ours, timm), else the factory model's own head."""
+    if asked is not None:
+        return asked
+    from rexport.models.external import output_classes
+
+    return output_classes(model) or 0
 
 
 # --- reading files ----------------------------------------------------------------------------
@@ -277,8 +288,14 @@ def _fit_hint(state: Mapping[str, Tensor], asked: str) -> str:
 
 
 def _builder(name: str):
+    """(build(num_classes=...), the head's state-dict key, the default class count) for ``name``."""
+    from rexport.models.external import is_external, resolve
+
+    if is_external(name):
+        ext = resolve(name)
+        return (lambda num_classes: ext.build(num_classes)), ext.head_key, (None if ext.head_key is None else 1000)
     try:
-        return MODELS[name]
+        return MODELS[name], "fc.weight", 1000
     except (KeyError, TypeError):
         close = difflib.get_close_matches(str(name), list(MODELS), n=1)
         hint = f"did you mean {close[0]}?" if close else "pick one of the known models"

@@ -18,6 +18,7 @@ import numpy as np
 
 from rexport.core.env import environment
 from rexport.core.errors import InputError, MissingDependency
+from rexport.core.settings import setting
 from rexport.core.fsio import atomic_write_json
 from rexport.core.preprocess import PreprocessSpec
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
@@ -42,13 +43,13 @@ _PERCENTILES = (50, 90, 99)
 class BenchSettings:
     """What to time and for how long; every field is recorded in bench/results.json."""
 
-    variants: tuple[str, ...] | None = None      # default: every variant present, pytorch first
-    backends: tuple[str, ...] | None = None      # filter: pytorch | onnxruntime | <engine backend>
-    precisions: tuple[str, ...] | None = None    # filter: fp32 | fp16 | int8 | bf16 ...
+    variants: tuple[str, ...] | None = setting(None, run=False, help="Variants to time (default: every one present).")
+    backends: tuple[str, ...] | None = setting(None, help="Filter: pytorch,onnxruntime,openvino,tensorrt.")
+    precisions: tuple[str, ...] | None = setting(None, help="Filter: fp32,fp16,bf16,int8.")
     batch_sizes: tuple[int, ...] = (1, 8)
     warmup: int = 5
-    min_time: float = 1.0      # seconds of timed repetition per row, at least
-    max_time: float = 10.0     # ... at most (stop even if the p50 is not yet stable)
+    min_time: float = setting(1.0, help="Seconds of timed runs per row, at least.")
+    max_time: float = setting(10.0, help="Seconds of timed runs per row, at most (even if the p50 is not stable).")
     min_iters: int = 10
     threads: int | None = None
     seed: int = 0              # input for batch b is standard normal drawn with seed + b
@@ -292,3 +293,20 @@ def bench_outcome(results: dict) -> StageOutcome:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     errors = sorted({f"{r['variant']}: {r['reason']}" for r in results["rows"] if r["status"] == "error"})
     return StageOutcome(outputs=[RESULTS_FILE], summary={"rows": counts, "errors": errors})
+
+
+def bench_inputs(run: RunDir) -> dict:
+    """What a bench result depends on: every ONNX variant and every engine's sidecar."""
+    from rexport.pipeline.variants import engine_dirs
+
+    inputs = {v: run.file(rel) for v, rel in VARIANT_FILES.items() if run.file(rel).exists()}
+    inputs.update({e: d / "sidecar.json" for e, d in engine_dirs(run).items()})
+    return inputs
+
+
+def run_bench_stage(run: RunDir, settings: BenchSettings, *, progress: bool = True, force: bool = True) -> dict:
+    """The bench stage as the CLI (always redone: timings are of now) and ``rexport run`` (reused when
+    nothing changed) call it; returns the stage record."""
+    run.require_export()
+    return run.run_stage("bench", inputs=bench_inputs(run), settings=settings.to_dict(),
+                         action=lambda: bench_outcome(run_bench(run, settings, progress=progress)), force=force)

@@ -16,6 +16,9 @@ Default variants: every engine in the run, plus ``fp32`` (the reference that run
 ``int8`` (the one calibrated file both TensorRT and OpenVINO compile) when quantized. With
 ``build_on_device`` every ONNX variant is included, since which one TensorRT compiles depends on
 the TensorRT version found on the device.
+
+``format`` other than ``folder`` writes a server's own layout instead (Triton model repository,
+DeepStream nvinfer configs, OpenVINO Model Server): see ``rexport.pipeline.deploy``.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from rexport.core.errors import InputError
 from rexport.core.fsio import atomic_dir, atomic_path, sha256_file
 from rexport.core.preprocess import PreprocessSpec
 from rexport.pipeline.backends.sidecar import SIDECAR_NAME, read_sidecar, verify_engine_files
+from rexport.pipeline.deploy import check_variants, get_format, refusal, writer
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir
 from rexport.pipeline.variants import engine_dirs
 
@@ -60,22 +64,31 @@ def _tensorrt_cache(run: RunDir) -> Path | None:
 
 
 def make_bundle(run: RunDir, *, variants: Sequence[str] | None = None, dest: Path | None = None,
-                archive: bool = False, build_on_device: bool = False) -> Path:
+                archive: bool = False, build_on_device: bool = False, format: str = "folder",
+                queue_delay_us: int = 100, check_images: str | None = None) -> Path:
     """Write the bundle folder (or ``.tar.gz`` with ``archive``) atomically and return its path.
 
     ``dest`` defaults to ``<run>/bundle`` (``<run>/bundle.tar.gz``). An unknown variant, a missing
-    export or an engine whose files do not match its sidecar is an InputError, and nothing is written.
+    export, a variant the ``format`` cannot hold or an engine whose files do not match its sidecar
+    is an InputError, and nothing is written.
     """
     fp32 = run.require(VARIANT_FILES["fp32"], "rexport export")
+    fmt = get_format(format)
+    if fmt.module and build_on_device:
+        raise InputError(f"--build-on-device writes the folder layout, not --format {fmt.name}",
+                         "drop one of --build-on-device and --format")
     available = available_variants(run)
-    chosen = list(dict.fromkeys(variants)) if variants else default_variants(run, build_on_device=build_on_device)
+    engines = engine_dirs(run)
+    kinds = {v: "onnx" if v in VARIANT_FILES else str(read_sidecar(engines[v]).get("backend")) for v in available}
+    chosen = list(dict.fromkeys(variants)) if variants else [
+        v for v in default_variants(run, build_on_device=build_on_device) if not refusal(fmt, v, kinds[v])]
     unknown = [v for v in chosen if v not in available]
     if unknown:
         raise InputError(f"no variant {', '.join(map(repr, unknown))} in {run.path}",
                          f"available: {', '.join(available) or 'none'}")
     if not chosen:
         raise InputError(f"nothing to bundle in {run.path}", "run 'rexport export' first")
-    engines = engine_dirs(run)
+    check_variants(fmt, chosen, kinds)
     sidecars = {}
     for v in chosen:
         if v in engines:
@@ -90,11 +103,18 @@ def make_bundle(run: RunDir, *, variants: Sequence[str] | None = None, dest: Pat
 
     spec = PreprocessSpec.from_onnx(fp32)
     dest = Path(dest) if dest is not None else run.path / ("bundle.tar.gz" if archive else "bundle")
+
+    def write(root: Path) -> None:
+        if fmt.module:
+            _write_layout(root, run, fmt, chosen, sidecars, engines, spec, queue_delay_us, check_images)
+        else:
+            _write_bundle(root, run, onnx, sidecars, engines, spec, cache, build_on_device)
+
     if archive:
         with atomic_path(dest, suffix=".tar.gz") as tmp_archive:
             staging = tmp_archive.with_name(tmp_archive.name + ".d")
             try:
-                _write_bundle(staging, run, onnx, sidecars, engines, spec, cache, build_on_device)
+                write(staging)
                 name = dest.name[: -len(".tar.gz")] if dest.name.endswith(".tar.gz") else dest.stem
                 # Weights barely compress: level 1 is several times faster than the default 9 for ~the same size.
                 with tarfile.open(tmp_archive, "w:gz", compresslevel=1) as tar:
@@ -103,9 +123,9 @@ def make_bundle(run: RunDir, *, variants: Sequence[str] | None = None, dest: Pat
                 shutil.rmtree(staging, ignore_errors=True)
     else:
         with atomic_dir(dest) as tmp:
-            _write_bundle(tmp, run, onnx, sidecars, engines, spec, cache, build_on_device)
+            write(tmp)
     run.log(f"bundle: wrote {dest} ({', '.join(onnx + list(sidecars))}"
-            + (", build on device" if build_on_device else "") + ")")
+            + (", build on device" if build_on_device else "") + (f", {fmt.name} layout" if fmt.module else "") + ")")
     return dest
 
 
@@ -135,14 +155,71 @@ def _write_bundle(root: Path, run: RunDir, onnx: list[str], sidecars: dict, engi
             cache_rel = f"calibration/{cache.name}"
             _copy(cache, root / cache_rel)
     (root / "README.txt").write_text(_readme(contents, spec, build_on_device, cache_rel), encoding="utf-8")
+    _write_manifest(root, run, contents, spec, {"build_on_device": build_on_device, "calibration_cache": cache_rel})
+
+
+def _write_manifest(root: Path, run: RunDir, contents: dict, spec: PreprocessSpec, extra: dict) -> None:
+    """bundle.json: what is inside and the sha256 of every other file."""
     files = {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
     manifest = {
         "schema_version": BUNDLE_SCHEMA, "rexport": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "source_run": str(run.path.resolve()), "variants": contents, "build_on_device": build_on_device,
-        "calibration_cache": cache_rel, "preprocess": spec.to_dict(), "files": files,
+        "source_run": str(run.path.resolve()), "variants": contents, **extra,
+        "preprocess": spec.to_dict(), "files": files,
     }
     (root / "bundle.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_layout(root: Path, run: RunDir, fmt, variants: list[str], sidecars: dict, engines: dict,
+                  spec: PreprocessSpec, queue_delay_us: int, check_images: str | None) -> None:
+    """A server's own layout (rexport.pipeline.deploy.<format>), with preprocess.json, README and bundle.json."""
+    import warnings
+
+    from rexport.pipeline.deploy.common import LayoutContext, collect_models, labels_for, server_name
+
+    root.mkdir(parents=True, exist_ok=True)
+    models = collect_models(run, variants, engines, sidecars)
+    export = run.require_export().get("settings") or {}
+    ctx = LayoutContext(run=run, name=server_name(str(export.get("model") or "model")), spec=spec,
+                        labels=labels_for(spec, models[0].outputs), folded=bool(export.get("fold_preprocessing")),
+                        queue_delay_us=int(queue_delay_us), check_images=_check_images(run, check_images))
+    extra = {}
+    if fmt.name == "deepstream":
+        cache = _tensorrt_cache(run)
+        extra = {"calibration_cache": cache, "fp32_onnx": run.file(VARIANT_FILES["fp32"])}
+    layout = writer(fmt).write(root, models, ctx, **extra)
+    (root / "preprocess.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
+    readme = [f"rexport deployment bundle: {fmt.server} layout", "", *layout.readme, "",
+              f"Smoke test on this machine (loads each model from the files its config names): "
+              "rexport infer BUNDLE_DIR IMAGE [--model NAME]",
+              "bundle.json lists every file with its sha256 (check: sha256sum)."]
+    (root / "README.txt").write_text("\n".join(readme) + "\n", encoding="utf-8")
+    for w in layout.warnings:
+        warnings.warn(w, stacklevel=2)
+    _write_manifest(root, run, layout.contents, spec, {"format": fmt.name, "server": fmt.server,
+                                                      "folded_preprocessing": ctx.folded,
+                                                      "warnings": layout.warnings})
+
+
+def _check_images(run: RunDir, given: str | None) -> tuple[Path, ...]:
+    """Real images to measure a layout's preprocessing on: the given folder, else the run's calibration
+    or evaluation image folder; empty when there is none (the writer then generates photo-like images)."""
+    from rexport.core.preprocess import list_images
+
+    if given:
+        found = list_images(given) if Path(given).is_dir() else []
+        if not found:
+            raise InputError(f"no images in {given}", "pass a folder of .jpg/.png images to --check-images")
+    else:
+        found = []
+        for stage, key in (("quantize:int8", "calib_data"), ("evaluate", "val_data")):
+            folder = ((run.stage(stage) or {}).get("settings") or {}).get(key)
+            if folder and Path(folder).is_dir():
+                found = list_images(folder)
+                if found:
+                    break
+    step = max(1, len(found) // 32)
+    return tuple(found[::step][:32])
 
 
 def _copy(src: Path, dst: Path) -> None:

@@ -1,234 +1,196 @@
 """Evaluate stage: top-1/top-5 accuracy of every variant on labelled data, and each variant's
-drop and agreement against the PyTorch FP32 reference."""
+drop and agreement against the PyTorch FP32 reference.
+
+One pass for all variants: every batch is decoded once (in worker processes) and fed to each
+variant in lockstep, so a 7-variant evaluation decodes each image once, and only the top-5
+classes of each image are kept, so memory is flat in the number of images. The same pass runs
+per shard on Ray (``distributed.py``) and gives the same predictions bit for bit.
+"""
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
-import os
 import warnings
-import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from rexport.core.errors import InputError
-from rexport.core.fsio import atomic_write_json, sha256_file
-from rexport.core.preprocess import PreprocessSpec, list_images
+from rexport.core.settings import setting
+from rexport.core.fsio import atomic_write_json
+from rexport.core.preprocess import PreprocessSpec
+from rexport.pipeline.decode import BatchDecoder
+from rexport.pipeline.labelled import LabelledSet
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
 from rexport.pipeline.variants import REFERENCE, list_variants, open_variant
+
+__all__ = ["EvaluateSettings", "LabelledSet", "Predictions", "run_evaluate", "predict", "open_labelled_set"]
+
+#: classes kept per image (top-5 accuracy needs five; predictions are the first)
+TOPK = 5
 
 
 @dataclass(frozen=True)
 class EvaluateSettings:
-    val_data: str
-    samples: int | None = None     # None: every labelled sample
+    val_data: str = setting(help="Labelled data: class_name/*.jpg folder or .npz with x and y.")
+    samples: int | None = setting(None, aliases=("val-samples",),
+                                  help="Evaluate a seeded random subset of this size (default: every sample).")
     batch_size: int = 16
     seed: int = 0
+    decode_workers: int | None = None  # decode processes; None: sized to the cores, 0: decode in this process
+    ray: str | None = None         # None: this machine; "default" (ray.init()) or a cluster address: shard on Ray
+    ray_shards: int | None = None  # None: one shard per CPU of the cluster
 
     def __post_init__(self) -> None:
         if (self.samples is not None and self.samples < 1) or self.batch_size < 1:
             raise InputError("--samples and the batch size must be at least 1", "e.g. --samples 1000")
+        if (self.decode_workers is not None and self.decode_workers < 0) or \
+                (self.ray_shards is not None and self.ray_shards < 1):
+            raise InputError("--decode-workers must be >= 0 and --ray-shards >= 1", "e.g. --decode-workers 1")
+
+    def stage_settings(self) -> dict:
+        """What the results depend on (decoding and where it runs do not change a prediction)."""
+        return {"samples": self.samples, "batch_size": self.batch_size, "seed": self.seed}
 
 
-#: preprocessed images are decoded once and kept for every variant up to this size; larger sets stream
-PRELOAD_BYTES = 1_500_000_000
+@dataclass
+class Predictions:
+    """The pass over the labelled set: which samples were readable and each variant's top classes."""
+
+    kept: np.ndarray                                 # indices into the labelled set, in order
+    top: dict[str, np.ndarray]                       # variant -> (len(kept), TOPK) classes, best first
+    info: dict = field(default_factory=dict)         # how it ran (Ray shards, retries): for the manifest
 
 
-class LabelledSet:
-    """Labelled samples: an ImageFolder layout (``class/*.jpg``, classes sorted or ordered by a
-    ``labels.txt``) or an ``.npz`` with preprocessed ``x`` and integer ``y``.
+def top_classes(logits: np.ndarray, k: int = TOPK) -> np.ndarray:
+    """The k best classes per row, best first; ties go to the lower index, as argmax does."""
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :min(k, logits.shape[1])]
+    return order.astype(np.int32)
 
-    Folder classes are mapped to the model's outputs by name when the model carries labels
-    (export ``--labels``), else by position; a class the model cannot predict is an error, so an
-    accuracy figure never rests on a silent misalignment.
-    """
 
-    def __init__(self, source: str | os.PathLike, spec: PreprocessSpec, num_classes: int,
-                 samples: int | None, seed: int) -> None:
-        self.source = Path(source)
-        self.spec = spec
-        self.num_classes = num_classes
-        self.unreadable = 0
-        if self.source.is_dir():
-            self._init_folder()
-        elif self.source.is_file() and self.source.suffix == ".npz":
-            self._init_npz()
-        else:
-            raise InputError(f"labelled data {self.source} not found or not a folder/.npz",
-                             "pass a class_name/*.jpg folder or an .npz with x and y")
-        n = len(self.labels)
-        keep = np.arange(n)
-        if samples is not None and samples < n:
-            keep = np.sort(np.random.default_rng(seed).choice(n, samples, replace=False))
-        self.labels = self.labels[keep]
-        if self._x is not None:
-            self._x = self._x[keep]
-        else:
-            self._items = [self._items[i] for i in keep]
-            self._preload()
+def open_labelled_set(run: RunDir, settings: EvaluateSettings) -> LabelledSet:
+    spec = PreprocessSpec.from_onnx(run.file(VARIANT_FILES["fp32"]))
+    num_classes = int(run.stage("export")["summary"]["num_classes"])
+    return LabelledSet(settings.val_data, spec, num_classes, settings.samples, settings.seed)
 
-    def _class_indices(self, names: list[str]) -> list[int]:
-        if self.spec.labels:
-            unknown = [c for c in names if c not in self.spec.labels]
-            if unknown:
-                raise InputError(f"class folder {unknown[0]!r} in {self.source} is not one of the model's labels",
-                                 "name the class folders after the labels given to 'rexport export --labels'")
-            return [self.spec.labels.index(c) for c in names]
-        if len(names) > self.num_classes:
-            raise InputError(f"{self.source} has {len(names)} classes but the model predicts {self.num_classes}",
-                             "evaluate on data with the classes the model was trained on")
-        return list(range(len(names)))
 
-    def _init_folder(self) -> None:
-        dirs = sorted(d.name for d in self.source.iterdir() if d.is_dir())
-        order_file = self.source / "labels.txt"
-        classes = dirs
-        if order_file.is_file():
-            classes = [c.strip() for c in order_file.read_text(encoding="utf-8").splitlines() if c.strip()]
-            unlisted = sorted(set(dirs) - set(classes))
-            if unlisted:
-                raise InputError(f"class folder {unlisted[0]!r} is not listed in {order_file}",
-                                 "list every class folder in labels.txt, in the model's class order")
-        indices = self._class_indices(classes)
-        items, labels = [], []
-        for idx, cls in zip(indices, classes):
-            for f in list_images(self.source / cls):
-                items.append(f)
-                labels.append(idx)
-        if not items:
-            raise InputError(f"no labelled images in {self.source}",
-                             "expected class_name/*.jpg subfolders (torchvision ImageFolder layout)")
-        self.classes = classes
-        self._items = items
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self._x = None
-
-    def _init_npz(self) -> None:
-        hint = "save it with np.savez(path, x=preprocessed_float32_nchw, y=integer_labels)"
-        try:
-            with np.load(self.source) as data:
-                x, y = data["x"], data["y"]
-        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            raise InputError(f"{self.source} is not a readable .npz with arrays x and y ({type(e).__name__})",
-                             hint) from None
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.spec.input_shape or y.ndim != 1 or len(x) != len(y):
-            raise InputError(f"{self.source}: x has shape {tuple(x.shape)} and y {tuple(y.shape)}",
-                             f"expected x (N, {', '.join(map(str, self.spec.input_shape))}) and y (N,)")
-        if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
-            raise InputError(f"{self.source}: x must be finite floats, preprocessed as the model's metadata says",
-                             hint)
-        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= self.num_classes:
-            raise InputError(f"{self.source}: y must be integer class indices in [0, {self.num_classes})", hint)
-        self.classes = None
-        self._items = None
-        self._x = x.astype(np.float32, copy=False)
-        self.labels = y.astype(np.int64)
-
-    def _load(self, path: Path) -> np.ndarray | None:
-        try:
-            return self.spec.load_image(path)
-        except Exception:  # PIL raises UnidentifiedImageError, OSError, ValueError... for broken files
-            return None
-
-    def _preload(self) -> None:
-        """Decode every image once (unreadable ones are left out and counted) when the set fits in memory."""
-        per_image = 4 * int(np.prod(self.spec.input_shape))
-        if len(self._items) * per_image > PRELOAD_BYTES:
-            return
-        arrays, keep = [], []
-        for i, p in enumerate(self._items):
-            a = self._load(p)
-            if a is not None:
-                arrays.append(a)
-                keep.append(i)
-        self.unreadable = len(self._items) - len(keep)
-        if not arrays:
-            raise InputError(f"no readable images in {self.source}", "pass jpg/png/bmp/webp images")
-        if self.unreadable:
-            warnings.warn(f"{self.unreadable} unreadable images in {self.source} were left out", stacklevel=2)
-        self._items = [self._items[i] for i in keep]
-        self.labels = self.labels[keep]
-        self._x = np.stack(arrays)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batches(self, batch_size: int):
-        for i in range(0, len(self), batch_size):
-            if self._x is not None:
-                yield np.asarray(self._x[i:i + batch_size], dtype=np.float32)
+def predict(run: RunDir, data: LabelledSet, variants: list[str], groups: list[range], *,
+            decode_workers: int | None = None, threads: int | None = None) -> Predictions:
+    """Decode each batch of ``groups`` once and run it through every variant (all loaded once)."""
+    kept, tops = [], {v: [] for v in variants}
+    with contextlib.ExitStack() as stack:
+        runners = {v: stack.enter_context(open_variant(run, v, threads=threads)) for v in variants}
+        decoder = stack.enter_context(BatchDecoder(data.spec, decode_workers))
+        for idx, xb in data.batches(groups, decoder):
+            if not len(idx):
                 continue
-            arrays = []
-            for p in self._items[i:i + batch_size]:
-                a = self._load(p)
-                if a is None:
-                    raise InputError(f"cannot read image {p}", "remove or replace the broken file")
-                arrays.append(a)
-            yield np.stack(arrays)
-
-    def fingerprints(self) -> set[str]:
-        """Content hashes of the samples, as calibration readers compute them: sha256 of an image
-        file's bytes, or of a preprocessed row's float32 bytes (for the overlap warning)."""
-        if self._items is not None:
-            return {sha256_file(p) for p in self._items}
-        return {hashlib.sha256(np.ascontiguousarray(row, dtype=np.float32).tobytes()).hexdigest() for row in self._x}
-
-
-def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    k = min(k, logits.shape[1])
-    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    return (top == labels[:, None]).any(1)
+            kept.append(idx)
+            for v, runner in runners.items():
+                tops[v].append(top_classes(runner.infer(xb)))
+    empty = np.zeros((0, TOPK), np.int32)
+    return Predictions(kept=np.concatenate(kept) if kept else np.zeros(0, np.int64),
+                       top={v: np.concatenate(t) if t else empty for v, t in tops.items()})
 
 
 def run_evaluate(run: RunDir, settings: EvaluateSettings, variants: list[str] | None = None,
                  *, force: bool = False) -> list[dict]:
     run.require_export()
-    spec = PreprocessSpec.from_onnx(run.file(VARIANT_FILES["fp32"]))
-    num_classes = int(run.stage("export")["summary"]["num_classes"])
-    data = LabelledSet(settings.val_data, spec, num_classes, settings.samples, settings.seed)
+    data = open_labelled_set(run, settings)
     variants = variants or list_variants(run)
-    if REFERENCE in variants:  # the reference goes first: every drop is measured against it
-        variants = [REFERENCE] + [v for v in variants if v != REFERENCE]
-    else:
-        variants = [REFERENCE] + variants
-    warnings_: list[str] = []
+    # the reference goes first: every drop is measured against it
+    variants = [REFERENCE] + [v for v in variants if v != REFERENCE]
     overlap = _calibration_overlap(run, data)
-    if overlap:
-        warnings_.append(f"{overlap} evaluation images are also in the calibration set: INT8 accuracy is optimistic")
+    common_warnings = ([f"{overlap} evaluation images are also in the calibration set: INT8 accuracy is optimistic"]
+                       if overlap else [])
+    st_settings = settings.stage_settings()
+    stage_inputs = {v: _inputs(run, settings, v) for v in variants}
+    ref_stale = force or not run.is_fresh(f"evaluate:{REFERENCE}", stage_inputs[REFERENCE], st_settings)
+    # a new reference result invalidates every drop and agreement: then the one pass covers all
+    todo = [v for v in variants if ref_stale or not run.is_fresh(f"evaluate:{v}", stage_inputs[v], st_settings)]
+    done: dict[str, Predictions] = {}
+
+    def the_pass() -> Predictions:
+        if not done:
+            done["p"] = _run_pass(run, data, todo, settings)
+        return done["p"]
+
     records = []
     for v in variants:
-        rel = f"eval/{v}.json"
-        artifact = (run.file(VARIANT_FILES[v]) if v in VARIANT_FILES else
-                    None if v == REFERENCE else run.path / "engines" / v / "sidecar.json")
-        inputs = {"val_data": Path(settings.val_data), "fp32": run.file(VARIANT_FILES["fp32"]), "artifact": artifact}
-        if v != REFERENCE:  # drop and agreement are measured against the reference's results
-            inputs["reference"] = run.file(f"eval/{REFERENCE}.json")
-
-        def action(v=v, rel=rel) -> StageOutcome:
-            logits = []
-            with open_variant(run, v) as runner:
-                for xb in data.batches(settings.batch_size):
-                    logits.append(runner.infer(xb))
-            y = np.concatenate(logits)
-            pred = y.argmax(1)
-            top1 = float(topk_correct(y, data.labels, 1).mean())
-            top5 = float(topk_correct(y, data.labels, 5).mean())
+        def action(v=v) -> StageOutcome:
+            p = the_pass()
             ref = None if v == REFERENCE else json.loads(run.file(f"eval/{REFERENCE}.json").read_text())
-            result = {"variant": v, "top1": top1, "top5": top5, "n": len(data),
-                      "drop_top1_vs_fp32": 0.0 if ref is None else ref["top1"] - top1,
-                      "agreement_top1_vs_fp32": 1.0 if ref is None else
-                      float((np.asarray(ref["predictions"]) == pred).mean()),
-                      "dataset": {"source": str(settings.val_data), "n": len(data), "classes": data.classes},
-                      "warnings": warnings_, "predictions": pred.tolist()}
-            atomic_write_json(run.file(rel), result)
-            return StageOutcome(outputs=[rel], summary={k: result[k] for k in ("top1", "top5", "n",
-                                                                              "drop_top1_vs_fp32")})
+            result = eval_result(v, p, data, ref, settings, common_warnings)
+            atomic_write_json(run.file(f"eval/{v}.json"), result)
+            summary = {k: result[k] for k in ("top1", "top5", "n", "drop_top1_vs_fp32")}
+            if p.info:
+                summary["ray"] = p.info
+            return StageOutcome(outputs=[f"eval/{v}.json"], summary=summary)
 
-        st_settings = {"samples": settings.samples, "batch_size": settings.batch_size, "seed": settings.seed}
-        rec = run.run_stage(f"evaluate:{v}", inputs=inputs, settings=st_settings, action=action, force=force)
-        records.append({"variant": v, **rec, "warnings": warnings_})
+        rec = run.run_stage(f"evaluate:{v}", inputs=stage_inputs[v], settings=st_settings, action=action,
+                            force=v in todo)
+        records.append({"variant": v, **rec, "warnings": common_warnings})
+    if done and len(done["p"].kept) < len(data):
+        warnings.warn(f"{len(data) - len(done['p'].kept)} unreadable images in {settings.val_data} were left out",
+                      stacklevel=2)
     return records
+
+
+def _inputs(run: RunDir, settings: EvaluateSettings, v: str) -> dict:
+    artifact = (run.file(VARIANT_FILES[v]) if v in VARIANT_FILES else
+                None if v == REFERENCE else run.path / "engines" / v / "sidecar.json")
+    inputs = {"val_data": Path(settings.val_data), "fp32": run.file(VARIANT_FILES["fp32"]), "artifact": artifact}
+    if v != REFERENCE:  # drop and agreement are measured against the reference's results
+        inputs["reference"] = run.file(f"eval/{REFERENCE}.json")
+    return inputs
+
+
+def _run_pass(run: RunDir, data: LabelledSet, variants: list[str], settings: EvaluateSettings) -> Predictions:
+    groups = data.groups(settings.batch_size)
+    if settings.ray is not None:
+        from rexport.pipeline.distributed import predict_on_ray
+
+        p = predict_on_ray(run, settings, variants, len(groups))
+    else:
+        p = predict(run, data, variants, groups, decode_workers=settings.decode_workers)
+    if not len(p.kept):
+        raise InputError(f"no readable images in {data.source}", "pass jpg/png/bmp/webp images")
+    return p
+
+
+def eval_result(v: str, p: Predictions, data: LabelledSet, ref: dict | None, settings: EvaluateSettings,
+                warnings_: list[str]) -> dict:
+    """The eval/<variant>.json record: accuracy, drop and agreement, per-image predictions and labels,
+    and a per-class confusion summary (all from the pass; nothing here depends on how it ran)."""
+    top, labels = p.top[v], data.labels[p.kept]
+    pred = top[:, 0]
+    top1 = float((pred == labels).mean())
+    top5 = float((top == labels[:, None]).any(1).mean())
+    unreadable = len(data) - len(p.kept)
+    notes = list(warnings_) + ([f"{unreadable} unreadable images were left out"] if unreadable else [])
+    return {"variant": v, "top1": top1, "top5": top5, "n": len(labels),
+            "drop_top1_vs_fp32": 0.0 if ref is None else ref["top1"] - top1,
+            "agreement_top1_vs_fp32": 1.0 if ref is None else float((np.asarray(ref["predictions"]) == pred).mean()),
+            "dataset": {"source": str(settings.val_data), "n": len(labels), "unreadable": unreadable,
+                        "classes": data.classes},
+            "warnings": notes, "predictions": pred.tolist(), "labels": labels.tolist(),
+            "per_class": confusion_summary(labels, pred, list(data.spec.labels or data.classes or []) or None)}
+
+
+def confusion_summary(labels: np.ndarray, pred: np.ndarray, names: list[str] | None, top: int = 3) -> list[dict]:
+    """Per true class: its count, top-1 accuracy and the classes it is most often mistaken for."""
+    out = []
+    for c in np.unique(labels):
+        mask = labels == c
+        wrong = pred[mask][pred[mask] != c]
+        cls, counts = np.unique(wrong, return_counts=True)
+        order = np.lexsort((cls, -counts))[:top]
+        out.append({"label": int(c), "n": int(mask.sum()), "top1": float((pred[mask] == c).mean()),
+                    "confused_with": [{"label": int(cls[i]), "n": int(counts[i])} for i in order]})
+    if names:  # the model's labels, else the class folders by position
+        for row in out:
+            row["name"] = names[row["label"]] if row["label"] < len(names) else None
+    return out
 
 
 def _calibration_overlap(run: RunDir, data: LabelledSet) -> int:

@@ -45,10 +45,14 @@ class ExportSettings:
         if not (MIN_OPSET <= self.opset <= MAX_OPSET):
             raise InputError(f"opset {self.opset} is not supported",
                              f"use an opset from {MIN_OPSET} to {MAX_OPSET} (17 for TensorRT 8.5 / JetPack 5)")
+        from rexport.models.external import check_name, is_external
         from rexport.models.resnet import MODELS
 
-        if self.model not in MODELS:
-            raise InputError(f"unknown model {self.model!r}", f"use one of: {', '.join(MODELS)}")
+        if is_external(self.model):
+            check_name(self.model)
+        elif self.model not in MODELS:
+            raise InputError(f"unknown model {self.model!r}",
+                             f"use one of: {', '.join(MODELS)}, timm:<name> or pkg.module:function")
         if self.batch != "dynamic" and not (str(self.batch).isdigit() and int(self.batch) >= 1):
             raise InputError(f"bad --batch {self.batch!r}", "use 'dynamic' or a positive integer")
 
@@ -93,15 +97,31 @@ def portable_head(model):
     return model
 
 
+def example_input(settings: ExportSettings):
+    """The seeded float NCHW batch the model is traced and smoke-tested with."""
+    import torch
+
+    batch = 2 if settings.batch == "dynamic" else int(settings.batch)
+    shape = (3, settings.preprocess.input_size, settings.preprocess.input_size)
+    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(settings.seed))
+
+
+def output_classes(logits: np.ndarray, model: str) -> int:
+    """The class count from the model's real output, which must be logits [N, classes]."""
+    if logits.ndim != 2 or logits.shape[1] < 1:
+        raise InputError(f"{model} returns an output of shape {tuple(logits.shape)}, not [N, classes]",
+                         "export an image classifier whose forward returns logits")
+    return int(logits.shape[1])
+
+
 def _to_onnx_model(torch_model, settings: ExportSettings):
     import torch
 
-    spec = settings.preprocess
-    batch = 2 if settings.batch == "dynamic" else int(settings.batch)
-    x = torch.randn(batch, *spec.input_shape, generator=torch.Generator().manual_seed(settings.seed))
+    x = example_input(settings)
     kwargs: dict = {}
     if settings.batch == "dynamic":
-        kwargs["dynamic_shapes"] = {"x": {0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)}}
+        # positional, not by name: a user's model may call its argument anything
+        kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)},)
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it warns that torchvision's ops are not registered: irrelevant here
@@ -111,6 +131,12 @@ def _to_onnx_model(torch_model, settings: ExportSettings):
             program = torch.onnx.export(torch_model, (x,), None, dynamo=True,
                                         opset_version=max(settings.opset, 18), input_names=["input"],
                                         output_names=["logits"], verbose=False, optimize=True, **kwargs)
+    except Exception as e:  # torch.export's UserError, TorchExportError...: the model's code does not trace
+        summary = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("<class")),
+                       (str(e).strip().splitlines() or [type(e).__name__])[0])
+        raise InputError(f"torch.onnx.export cannot export {settings.model}: {summary[:300]}",
+                         "make the model's forward traceable by torch.export (or export it yourself and "
+                         "use 'rexport import --onnx')") from None
     finally:
         quiet.setLevel(level)
     model = program.model_proto
@@ -144,14 +170,17 @@ def export_onnx(settings: ExportSettings, out_path: str | os.PathLike) -> dict:
     loaded = load_model(settings.model, settings.weights, num_classes=settings.num_classes,
                         trust_checkpoint=settings.trust_checkpoint, seed=settings.seed)
     spec = settings.preprocess
-    if spec.labels is not None and len(spec.labels) != loaded.num_classes:
-        raise InputError(f"{len(spec.labels)} labels given for a model with {loaded.num_classes} classes",
+    with torch.inference_mode():
+        ref = loaded.model(example_input(settings)).numpy()
+    num_classes = output_classes(ref, settings.model)
+    if spec.labels is not None and len(spec.labels) != num_classes:
+        raise InputError(f"{len(spec.labels)} labels given for a model with {num_classes} classes",
                          "pass a labels file with one class name per line, one per class")
     model, x = _to_onnx_model(loaded.model, settings)
     model = _simplify(model)
     model.producer_name, model.producer_version = "rexport", __import__("rexport").__version__
     meta = {METADATA_KEY: spec.to_json(), "rexport.model": settings.model,
-            "rexport.num_classes": str(loaded.num_classes),
+            "rexport.num_classes": str(num_classes),
             "rexport.weights_sha256": loaded.weights_sha256 or f"random-init-seed-{settings.seed}"}
     del model.metadata_props[:]
     for k, v in meta.items():
@@ -163,8 +192,6 @@ def export_onnx(settings: ExportSettings, out_path: str | os.PathLike) -> dict:
     if len(data) >= 2**31 - 1:  # protobuf limit; no ResNet here comes close (resnet152 is 240 MB)
         raise InputError("model is larger than 2 GB and cannot be one ONNX file", "use a smaller model")
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    with torch.inference_mode():
-        ref = loaded.model(x).numpy()
     got = session.run(None, {"input": x.numpy()})[0]
     with atomic_path(out_path) as tmp:
         tmp.write_bytes(data)
@@ -172,7 +199,7 @@ def export_onnx(settings: ExportSettings, out_path: str | os.PathLike) -> dict:
     for n in model.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     return {
-        "model": settings.model, "num_classes": loaded.num_classes, "random_weights": loaded.random_init,
+        "model": settings.model, "num_classes": num_classes, "random_weights": loaded.random_init,
         "weights_sha256": loaded.weights_sha256, "opset": settings.opset, "batch": settings.batch,
         "nodes": len(model.graph.node), "ops": ops, "size_mb": round(len(data) / 1e6, 3),
         "smoke_max_abs_error": float(np.abs(got - ref).max()),
@@ -189,8 +216,9 @@ def run_export(run: RunDir, settings: ExportSettings, *, force: bool = False) ->
         return StageOutcome(outputs=[rel], summary=summary)
 
     before = (run.stage("export") or {}).get("outputs", {}).get(rel)
+    had_import = run.stage("import") is not None
     rec = run.run_stage("export", inputs={"weights": settings.weights}, settings=record, action=action, force=force)
-    if before and rec["outputs"].get(rel) != before:
+    if had_import or (before and rec["outputs"].get(rel) != before):
         drop_downstream(run)
     run.manifest["model"] = settings.model
     run.manifest["preprocess"] = settings.preprocess.to_dict()
@@ -203,9 +231,10 @@ DOWNSTREAM = ("onnx/model.fp16.onnx", "onnx/model.int8.onnx", "calibration", "en
               "bench", "report")
 
 
-def drop_downstream(run: RunDir) -> None:
-    """Remove every artifact and stage record made from a previous export, so no stale variant is
-    validated, benchmarked or reported against the new model."""
+def drop_downstream(run: RunDir, keep: str = "export") -> None:
+    """Remove every artifact and stage record made from a previous export (or import), so no stale
+    variant is validated, benchmarked or reported against the new model. ``keep``: the stage that
+    just made the FP32 file."""
     import shutil
 
     for rel in DOWNSTREAM:
@@ -214,9 +243,9 @@ def drop_downstream(run: RunDir) -> None:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-    run.manifest["stages"] = {"export": run.manifest["stages"]["export"]}
+    run.manifest["stages"] = {keep: run.manifest["stages"][keep]}
     run.save()
-    run.log("export changed: removed everything made from the previous export")
+    run.log(f"{keep} changed the FP32 model: removed everything made from the previous one")
 
 
 def read_labels(path: str | os.PathLike) -> tuple[str, ...]:
@@ -232,19 +261,36 @@ def read_labels(path: str | os.PathLike) -> tuple[str, ...]:
     return labels
 
 
-def export_settings_from_options(*, model: str, weights: str | None, num_classes: int | None,
-                                 trust_checkpoint: bool, seed: int, opset: int | None, input_size: int,
-                                 resize: int | None, mean, std, bgr: bool, labels: str | None,
-                                 batch: str) -> ExportSettings:
-    """ExportSettings from CLI-style options (defaults filled in, labels read)."""
-    spec = PreprocessSpec(
-        input_size=input_size,
-        resize=resize if resize is not None else round(input_size * 256 / 224),
-        mean=tuple(mean) if mean else PreprocessSpec.mean,
-        std=tuple(std) if std else PreprocessSpec.std,
+def preprocess_from_options(*, model: str | None, input_size: int | None, resize: int | None, mean, std,
+                            bgr: bool, labels: str | None) -> PreprocessSpec:
+    """The preprocessing spec from CLI-style options; what the user left out comes from timm's
+    pretrained config for a timm model, else ImageNet's defaults (224, resize 256)."""
+    base: dict = {}
+    if model and model.startswith("timm:") and None in (input_size, resize, mean, std):
+        from rexport.models.external import timm_preprocess
+
+        base = timm_preprocess(model)
+    size = input_size or base.get("input_size", 224)
+    if resize is None:
+        resize = base["resize"] if input_size is None and "resize" in base else round(size * 256 / 224)
+    return PreprocessSpec(
+        input_size=size, resize=resize,
+        mean=tuple(mean) if mean else base.get("mean", PreprocessSpec.mean),
+        std=tuple(std) if std else base.get("std", PreprocessSpec.std),
         channel_order="BGR" if bgr else "RGB",
+        interpolation=base.get("interpolation", PreprocessSpec.interpolation),
         labels=read_labels(labels) if labels else None,
     )
+
+
+def export_settings_from_options(*, model: str, weights: str | None, num_classes: int | None,
+                                 trust_checkpoint: bool, seed: int, opset: int | None, input_size: int | None,
+                                 resize: int | None, mean, std, bgr: bool, labels: str | None,
+                                 batch: str) -> ExportSettings:
+    """ExportSettings from CLI-style options (defaults filled in, labels read). A timm model's
+    defaults come from timm's pretrained config, the rest from ImageNet's."""
+    spec = preprocess_from_options(model=model, input_size=input_size, resize=resize, mean=mean, std=std,
+                                   bgr=bgr, labels=labels)
     if weights is not None and not Path(weights).is_file():
         raise InputError(f"checkpoint {weights} not found", "pass an existing .pth/.pt/.safetensors file")
     return ExportSettings(model=model, weights=str(weights) if weights else None, num_classes=num_classes,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from rexport.core.errors import InputError
+from rexport.core.settings import setting
 from rexport.core.preprocess import PreprocessSpec
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
 
@@ -16,15 +17,17 @@ PRECISIONS = ("fp16", "int8")
 
 @dataclass(frozen=True)
 class QuantizeSettings:
-    precision: str = "int8"
-    calib_data: str = "synthetic"
+    precision: str = setting("int8", choices=("fp16", "int8"), run=False, help="The variant to make.")
+    calib_data: str = setting("synthetic", help="Image folder, .npy/.npz of preprocessed arrays, or 'synthetic'.")
     calib_samples: int = 512
-    calib_method: str = "entropy"
+    calib_method: str = setting("entropy", help="Calibration method (rexport.calibration.METHODS).")
     calib_batch_size: int = 8
-    exclude: tuple[str, ...] = ()          # node names left in float
-    skip_first_conv: bool = False
-    skip_classifier: bool = False
-    residual_add: str = "both"             # Q/DQ on both Add inputs (OpenVINO fuses) or "residual" only
+    exclude: tuple[str, ...] = setting((), multiple=True, help="Node name to leave in float (repeatable).")
+    skip_first_conv: bool = setting(False, help="Leave the stem convolution in float.")
+    skip_classifier: bool = setting(False, help="Leave the final fully connected layer in float.")
+    residual_add: str = setting("both", cli="residual-qdq", choices=("both", "residual"),
+                                help="Q/DQ on both inputs of each residual Add (OpenVINO fuses Conv+Add), or on the "
+                                     "residual input only (TensorRT's recommended placement).")
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -37,7 +40,7 @@ def run_quantize(run: RunDir, settings: QuantizeSettings, *, progress: bool = Tr
     fp32 = run.file(VARIANT_FILES["fp32"])
     rel = VARIANT_FILES[settings.precision]
     if settings.precision == "fp16":
-        from rexport.pipeline.precision import convert_fp16
+        from rexport.pipeline.quantization import convert_fp16
 
         def fp16_action() -> StageOutcome:
             report = convert_fp16(fp32, run.file(rel))
@@ -48,7 +51,7 @@ def run_quantize(run: RunDir, settings: QuantizeSettings, *, progress: bool = Tr
 
     from rexport.calibration import CalibrationSettings, calibrate, calibration_key, open_reader_for
     from rexport.core.fsio import sha256_file
-    from rexport.pipeline.precision import QdqSettings, insert_qdq, tensors_to_calibrate
+    from rexport.pipeline.quantization import QdqSettings, insert_qdq, tensors_to_calibrate
 
     calib = CalibrationSettings(method=settings.calib_method, samples=settings.calib_samples,
                                 batch_size=settings.calib_batch_size, seed=settings.seed)

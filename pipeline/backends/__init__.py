@@ -3,6 +3,7 @@ offers and whether this machine can run it, without importing its runtime."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from rexport.core.settings import setting
 from pathlib import Path
 
 from rexport.core.errors import InputError, MissingDependency
@@ -15,14 +16,14 @@ class BuildSettings:
     min_batch: int = 1
     opt_batch: int = 8
     max_batch: int = 32
-    workspace_mib: int | None = None
-    timing_cache: str | None = None
-    builder_opt_level: int | None = None
-    legacy: bool = False
-    dla_core: int | None = None
-    version_compatible: bool = False
-    hardware_compatible: bool = False
-    threads: int | None = None
+    workspace_mib: int | None = setting(None, cli="workspace", help="TensorRT workspace limit in MiB.")
+    timing_cache: str | None = setting(None, help="TensorRT timing cache file, reused across builds.")
+    builder_opt_level: int | None = setting(None, help="TensorRT builder optimization level (0-5).")
+    legacy: bool = setting(False, help="TensorRT: weak-typed network with precision flags (automatic on 8.x).")
+    dla_core: int | None = setting(None, help="TensorRT legacy path: build for this DLA core.")
+    version_compatible: bool = setting(False, help="TensorRT >= 8.6: a plan for later TensorRT versions.")
+    hardware_compatible: bool = setting(False, help="TensorRT >= 8.6: a plan for all Ampere+ GPUs.")
+    threads: int | None = setting(None, help="OpenVINO inference threads (default: all cores).")
 
     def __post_init__(self) -> None:
         if not (1 <= self.min_batch <= self.opt_batch <= self.max_batch):

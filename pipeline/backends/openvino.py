@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -148,7 +149,7 @@ class OpenVINOBackend(Backend):
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise InputError(f"OpenVINO cannot convert {onnx_path}: {first}",
                              "re-run 'rexport export' (or 'rexport quantize') to rewrite it") from None
-        self._keep_batch_dynamic(model)
+        batch_mode = self._keep_batch_dynamic(model)
         unsigned = unsigned_after_relu(model) if precision == "int8" else 0
         # compress_to_fp16 defaults to True: without this an "fp32" IR would hold fp16 weights
         ov.save_model(model, str(dest / "model.xml"), compress_to_fp16=False)
@@ -169,13 +170,16 @@ class OpenVINOBackend(Backend):
             runtime={"openvino": package_version("openvino") or ov.__version__, "openvino_build": ov.get_version()},
             device={"kind": "cpu", **cpu_info()}, io=io, profile=None,
             build_settings={"compress_to_fp16": False, "threads": settings.threads, "device": DEVICE,
-                            "unsigned_post_relu_quantizers": unsigned},
+                            "unsigned_post_relu_quantizers": unsigned, "batch": batch_mode},
             load_settings=load_settings, build_seconds=build_seconds,
             preprocess=PreprocessSpec.from_onnx(onnx_path).to_dict())
 
     @staticmethod
-    def _keep_batch_dynamic(model) -> None:
-        """An exported model with a fixed batch is opened up to any batch, like the ONNX export's 'batch' axis."""
+    def _keep_batch_dynamic(model) -> str:
+        """An exported model with a fixed batch is opened up to any batch, like the ONNX export's 'batch' axis.
+
+        Returns what the engine's batch is; a graph that cannot be reshaped keeps its fixed batch, said
+        in a warning and recorded in the sidecar (never silently)."""
         import openvino as ov
 
         shapes = {}
@@ -183,11 +187,16 @@ class OpenVINOBackend(Backend):
             ps = port.get_partial_shape()
             if ps.rank.is_static and len(ps) >= 1 and ps[0].is_static:
                 shapes[port] = ov.PartialShape([ov.Dimension(-1)] + [ps[i] for i in range(1, len(ps))])
-        if shapes:
-            try:
-                model.reshape(shapes)
-            except Exception:  # a graph with batch-dependent constants: keep its fixed batch (recorded in io)
-                pass
+        if not shapes:
+            return "dynamic"
+        try:
+            model.reshape(shapes)
+        except Exception as e:  # a graph with batch-dependent constants: keep its fixed batch, and say so
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            warnings.warn(f"OpenVINO cannot make the batch dimension dynamic ({first}); "
+                          "the engine keeps the file's fixed batch")
+            return f"fixed (reshape to a dynamic batch failed: {first})"
+        return "dynamic (opened from a fixed batch)"
 
     def load(self, engine_dir: Path, *, threads: int | None = None) -> "OpenVINORunner":
         engine_dir = Path(engine_dir)

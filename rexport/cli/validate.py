@@ -12,10 +12,12 @@ from rexport.cli.common import Ctx, csv_list, open_run, log_command, out_option
 @click.command()
 @click.option("--variant", "variants", multiple=True, help="Variant(s) to check (default: every one present).")
 @click.option("--onnx", "onnx_file", type=str, default=None, help="Check this ONNX file instead of a run variant.")
-@click.option("--data", default="synthetic", show_default=True, help="Image folder, or 'synthetic'.")
+X
 @click.option("--samples", type=int, default=16, show_default=True)
 @click.option("--batch-sizes", callback=csv_list(int), default="1,8", show_default=True)
-@click.option("--tol", "tols", multiple=True, help="Override a tolerance, e.g. --tol cosine_min=0.99.")
+@click.option("--tol", "tols", multiple=True,
+              help="Override a tolerance: NAME=V for every precision, PRECISION.NAME=V for one "
+                   "(e.g. --tol int8.cosine_min=0.97).")
 @click.option("--force", is_flag=True)
 @out_option
 @click.pass_obj
@@ -29,7 +31,7 @@ def validate(c: Ctx, variants, onnx_file, data, samples, batch_sizes, tols, forc
         try:
             overrides[name.strip()] = float(value)
         except ValueError:
-            raise InputError(f"bad --tol {t!r}", "use NAME=NUMBER, e.g. --tol cosine_min=0.99") from None
+            raise InputError(f"bad --tol {t!r}", "use [PRECISION.]NAME=NUMBER, e.g. --tol int8.cosine_min=0.97") from None
     settings = ValidateSettings(data=data, samples=samples, batch_sizes=batch_sizes, tolerances=overrides)
     run = open_run(out)
     if onnx_file:

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import platform
 import sys
 from importlib import metadata
 
 TRACKED_PACKAGES = ("rexport", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxslim",
                     "onnxconverter-common", "openvino", "polygraphy", "tensorrt", "numpy")
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni", "fma")
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni", "fma")  # shown in sidecars
 
 
 def package_version(name: str) -> str | None:
@@ -27,20 +26,13 @@ def versions() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def cpu_info() -> dict:
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model in ("unknown", "", platform.processor()):
-                    model = value.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count(), "arch": platform.machine(),
-            "isa": [f for f in ISA_FLAGS if f in flags]}
+    """The CPU as sidecars and results record it: model name plus family/model/stepping, ISA, cores."""
+    from rexport.core.machine import cpu_identity, machine_id
+
+    ident = cpu_identity()
+    return {"model": ident["model_name"], "family": ident["family"], "model_id": ident["model"],
+            "stepping": ident["stepping"], "cores": ident["cores_usable"], "arch": ident["arch"],
+            "isa": [f for f in ISA_FLAGS if f in ident["isa"]], "machine_id": machine_id(ident)}
 
 
 def cpu_has(flag: str) -> bool:
@@ -92,5 +84,7 @@ def cuda_device() -> dict | None:
 
 
 def environment() -> dict:
+    from rexport.core.machine import machine_fingerprint
+
     return {"cpu": cpu_info(), "gpu": cuda_device(), "python": platform.python_version(),
-            "os": platform.platform(), "versions": versions()}
+            "os": platform.platform(), "versions": versions(), "machine": machine_fingerprint(probe=False)}

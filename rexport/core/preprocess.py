@@ -81,7 +81,23 @@ class PreprocessSpec:
         for prop in model.metadata_props:
             if prop.key == METADATA_KEY:
                 return cls.from_dict(json.loads(prop.value))
-        return cls()
+        return cls._assumed_for(model, path)
+
+    @classmethod
+    def _assumed_for(cls, model, path) -> "PreprocessSpec":
+        """An ONNX file without our metadata: ImageNet normalisation at the graph's own input size, said aloud."""
+        size = 224
+        dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
+        hw = [d.dim_value for d in dims[2:4]] if len(dims) == 4 else []
+        if len(hw) == 2 and hw[0] == hw[1] and hw[0] > 0:
+            size = hw[0]
+        spec = cls(input_size=size, resize=max(size, round(size * 256 / 224)))
+        import warnings
+
+        warnings.warn(f"{path} carries no rexport preprocessing metadata: assuming RGB, ImageNet mean/std, "
+                      f"resize {spec.resize}, crop {size}; run 'rexport import --onnx {path}' with the model's "
+                      "real preprocessing to set it")
+        return spec
 
     # -- images -------------------------------------------------------------------------
 
@@ -92,6 +108,15 @@ class PreprocessSpec:
             return self.preprocess(img)
 
     def preprocess(self, img: Image.Image) -> np.ndarray:
+        x = self.crop(img).astype(np.float32) / 255.0
+        if self.channel_order == "BGR":
+            x = x[..., ::-1]
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+    def crop(self, img: Image.Image) -> np.ndarray:
+        """The resized, centre-cropped pixels before scaling: HWC uint8 RGB (what a server's own
+        preprocessing, e.g. DeepStream's, starts from)."""
         img = to_rgb(img)
         w, h = img.size
         if w <= h:
@@ -100,12 +125,7 @@ class PreprocessSpec:
             nw, nh = max(self.resize, round(w * self.resize / h)), self.resize
         img = img.resize((nw, nh), _RESAMPLE[self.interpolation])
         left, top = (nw - self.input_size) // 2, (nh - self.input_size) // 2
-        img = img.crop((left, top, left + self.input_size, top + self.input_size))
-        x = np.asarray(img, dtype=np.float32) / 255.0
-        if self.channel_order == "BGR":
-            x = x[..., ::-1]
-        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+        return np.asarray(img.crop((left, top, left + self.input_size, top + self.input_size)), dtype=np.uint8)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -2,6 +2,7 @@
 own labels, malformed data is refused before anything runs, and results are real measurements."""
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 
@@ -11,7 +12,8 @@ from PIL import Image
 
 from rexport.core.errors import InputError
 from rexport.core.preprocess import PreprocessSpec
-from rexport.pipeline.evaluate import EvaluateSettings, LabelledSet, run_evaluate
+from rexport.pipeline import decode
+from rexport.pipeline.evaluate import EvaluateSettings, LabelledSet, confusion_summary, run_evaluate
 from rexport.pipeline.manifest import RunDir
 
 SPEC = PreprocessSpec(input_size=64, resize=73, labels=tuple(f"class{i}" for i in range(10)))
@@ -79,14 +81,6 @@ def test_bad_npz_is_refused(tmp_path, case, match):
         LabelledSet(tmp_path / "v.npz", SPEC, 10, None, 0)
 
 
-def test_unreadable_images_are_left_out_with_a_count(tmp_path):
-    root = image_folder(tmp_path / "val", ["class0", "class1"])
-    (root / "class1" / "broken.png").write_bytes(b"not a png")
-    with pytest.warns(UserWarning, match="1 unreadable"):
-        data = LabelledSet(root, SPEC, 10, None, 0)
-    assert len(data) == 4 and data.unreadable == 1
-
-
 def test_evaluate_npz_measures_every_variant(small_run, tmp_path):
     run = RunDir(tmp_path / "run")
     shutil.copytree(small_run.path, run.path)
@@ -100,3 +94,70 @@ def test_evaluate_npz_measures_every_variant(small_run, tmp_path):
     assert fp32["top1"] == ref["top1"] and 0 <= ref["top1"] <= ref["top5"] <= 1
     with pytest.raises(InputError):
         EvaluateSettings(val_data="x", samples=0)
+
+
+@pytest.fixture(scope="module")
+def all_variants_run(small_run, tmp_path_factory) -> RunDir:
+    """The exported resnet18 with every variant this machine makes: fp16, int8, OpenVINO engines."""
+    from rexport.pipeline.build import build_engines
+    from rexport.pipeline.quantize import QuantizeSettings, run_quantize
+
+    run = RunDir(tmp_path_factory.mktemp("eval") / "run")
+    shutil.copytree(small_run.path, run.path)
+    with run.locked():
+        run_quantize(run, QuantizeSettings(precision="fp16"), progress=False)
+        run_quantize(run, QuantizeSettings(precision="int8", calib_samples=8, calib_method="minmax"), progress=False)
+        build_engines(run, backend="openvino", precisions=["fp32", "bf16", "int8"], progress=False,
+                      skip_unavailable=True)
+    return run
+
+
+@pytest.fixture
+def decode_counts():
+    counts: collections.Counter = collections.Counter()
+    decode.DECODE_HOOKS.append(lambda p: counts.update([str(p)]))
+    yield counts
+    decode.DECODE_HOOKS.clear()
+
+
+def test_every_variant_in_one_pass_decodes_each_image_once(all_variants_run, tmp_path, decode_counts):
+    from rexport.pipeline.variants import list_variants
+
+    variants = list_variants(all_variants_run)
+    assert {"pytorch", "fp32", "fp16", "int8", "openvino-fp32", "openvino-int8"} <= set(variants)  # 7 with bf16
+    root = image_folder(tmp_path / "val", ["class0", "class3", "class7"], per_class=4)
+    (root / "class3" / "broken.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="1 unreadable"):
+        recs = run_evaluate(all_variants_run, EvaluateSettings(val_data=str(root), batch_size=5, decode_workers=1))
+    assert [r["variant"] for r in recs] == variants and all(r["status"] == "ok" for r in recs)
+    files = sorted(str(p) for p in root.rglob("*.png"))
+    assert sorted(decode_counts) == files and set(decode_counts.values()) == {1}  # 13 files, each decoded once
+    for v in variants:
+        res = json.loads(all_variants_run.file(f"eval/{v}.json").read_text())
+        assert res["n"] == 12 and res["dataset"]["unreadable"] == 1 and len(res["predictions"]) == 12
+        assert sorted(set(res["labels"])) == [0, 3, 7]
+        assert [c["label"] for c in res["per_class"]] == [0, 3, 7] and sum(c["n"] for c in res["per_class"]) == 12
+        assert res["per_class"][1]["name"] == "class3"
+        assert np.isclose(np.mean(np.asarray(res["predictions"]) == np.asarray(res["labels"])), res["top1"])
+    # unchanged: every stage reused, nothing decoded again
+    decode_counts.clear()
+    again = run_evaluate(all_variants_run, EvaluateSettings(val_data=str(root), batch_size=5, decode_workers=1))
+    assert all(r["reused"] for r in again) and not decode_counts
+
+
+def test_decoding_in_workers_or_in_process_gives_the_same_files(all_variants_run, tmp_path):
+    root = image_folder(tmp_path / "val", ["class1", "class2"], per_class=5)
+    written = []
+    for workers in (0, 2):
+        run_evaluate(all_variants_run, EvaluateSettings(val_data=str(root), batch_size=4, decode_workers=workers),
+                     ["fp32", "int8"], force=True)
+        written.append({v: all_variants_run.file(f"eval/{v}.json").read_bytes() for v in ("pytorch", "fp32", "int8")})
+    assert written[0] == written[1]
+
+
+def test_confusion_summary_counts_mistakes_per_true_class():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    pred = np.array([0, 2, 2, 1, 0, 2])
+    rows = confusion_summary(labels, pred, ["cat", "dog", "fox"])
+    assert rows[0] == {"label": 0, "n": 3, "top1": 1 / 3, "confused_with": [{"label": 2, "n": 2}], "name": "cat"}
+    assert rows[1]["confused_with"] == [{"label": 0, "n": 1}] and rows[2]["top1"] == 1.0

@@ -14,8 +14,8 @@ from rexport.core.errors import InputError
 from rexport.core.preprocess import METADATA_KEY, PreprocessSpec
 from rexport.models.resnet import resnet18
 from rexport.pipeline.export import ExportSettings, export_onnx
-from rexport.pipeline.precision import (QdqSettings, convert_fp16, drop_residual_branch_qdq, insert_qdq,
-                                        quantized_layer_outputs, tensors_to_calibrate)
+from rexport.pipeline.quantization import (QdqSettings, convert_fp16, drop_residual_branch_qdq, insert_qdq,
+                                           quantized_layer_outputs, tensors_to_calibrate)
 
 SIZE = 64
 NUM_CLASSES = 10

@@ -1,0 +1,33 @@
+"""The export stage's options as the user gives them (input size, mean/std, a labels file...):
+the source of ``rexport export``'s and ``rexport run``'s export options and config keys.
+``to_settings()`` makes the ExportSettings record (defaults filled in, labels read)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from rexport.core.settings import setting
+
+MODEL_HELP = ("resnet18, resnet34, resnet50, resnet101, resnet152, wide_resnet50_2, resnext50_32x4d, "
+              "timm:<name> or pkg.module:function.")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    model: str = setting("resnet18", help=MODEL_HELP)
+    weights: str | None = setting(None, help="Checkpoint (.pth/.pt/.safetensors); none = seeded random init.")
+    num_classes: int | None = setting(None, help="Head size (default: from the checkpoint, else 1000).")
+    trust_checkpoint: bool = setting(False, help="Allow pickles that run code. Only for files you trust.")
+    seed: int = setting(0, help="Seed of the random init.")
+    opset: int | None = setting(None, help="ONNX opset (default 17: TensorRT 8.5 and later).")
+    input_size: int | None = setting(None, help="Input side in pixels (default 224, or timm's pretrained config).")
+    resize: int | None = setting(None, help="Shorter side before the centre crop (default input*256/224).")
+    mean: tuple[float, float, float] | None = setting(None, help="Per-channel mean (default ImageNet).")
+    std: tuple[float, float, float] | None = setting(None, help="Per-channel std (default ImageNet).")
+    bgr: bool = setting(False, help="The model expects BGR channel order.")
+    labels: str | None = setting(None, help="Text file with one class name per line.")
+    batch: str = setting("dynamic", help="'dynamic' or a fixed batch size.")
+
+    def to_settings(self):
+        from rexport.pipeline.export import export_settings_from_options
+
+        return export_settings_from_options(**asdict(self))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import queue
-import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,7 +281,8 @@ def collect(fp32_onnx: str | os.PathLike, reader: CalibrationReader, *, histogra
     min/max (and |x| histograms when ``histograms``) for the input and every float activation.
     Peak memory is about the model, plus twice ``max_run_bytes`` of activations, plus one batch."""
     import onnx
-    from tqdm import tqdm
+
+    from rexport.core.progress import progress_bar
 
     fp32_onnx = Path(fp32_onnx)
     try:
@@ -306,8 +306,7 @@ def collect(fp32_onnx: str | os.PathLike, reader: CalibrationReader, *, histogra
     reader.rewind()
     batches = _run_batches(session, names, reader, total, fp32_onnx.name, max_run_bytes=max_run_bytes)
     try:
-        with tqdm(total=total, unit="img", desc="calibrating", disable=not progress, file=sys.stderr,
-                  leave=False) as bar:
+        with progress_bar(total, unit="img", desc="calibrating", enabled=progress) as bar:
             for x, outs in batches:
                 stats.update(reader.input_name, float(x.min()), float(x.max()), x, owned=False)
                 for name, i_lo, i_hi, i_value in layout:

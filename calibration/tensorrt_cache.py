@@ -99,3 +99,42 @@ def _parse(path: Path) -> tuple[int, str, dict[str, float]]:
             raise InputError(f"{path}:{n}: not a 'tensor: hexscale' line: {line[:80]!r}", "re-run 'rexport quantize --precision int8 --force'")
         scales[m.group(1)] = float(struct.unpack(">f", bytes.fromhex(m.group(2).zfill(8)))[0])
     return int(header.group(1)), header.group(2), scales
+
+
+def quantized_tensors(qdq_onnx: str | os.PathLike) -> list[str]:
+    """The activation tensors a Q/DQ ONNX file quantizes (inputs of its QuantizeLinear nodes that are not
+    weights), named as in the FP32 graph: through any Cast the FP16-float form puts before a Q."""
+    import onnx
+
+    graph = onnx.load(str(qdq_onnx), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    made_by = {o: n for n in graph.node for o in n.output}
+    found: dict[str, None] = {}
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        name = node.input[0]
+        while name in made_by and made_by[name].op_type == "Cast":
+            name = made_by[name].input[0]
+        if name not in weights:
+            found[name] = None
+    return list(found)
+
+
+def write_tensorrt_cache_for_file(full_cache: str | os.PathLike, qdq_onnx: str | os.PathLike,
+                                  path: str | os.PathLike) -> dict:
+    """The calibration cache for one Q/DQ file: the lines of ``full_cache`` (every calibrated tensor) of
+    the tensors the file quantizes, verbatim, so TensorRT 8.x's weak-typed INT8 leaves the rest in float.
+    Returns what was kept and left out. A tensor the file quantizes without a range is an InputError."""
+    version, algorithm, _ = _parse(Path(full_cache))
+    lines = Path(full_cache).read_text(encoding="utf-8").splitlines()[1:]
+    by_name = {m.group(1): line for line in lines if (m := _LINE.match(line.rstrip()))}
+    wanted = quantized_tensors(qdq_onnx)
+    missing = [t for t in wanted if t not in by_name]
+    if missing:
+        raise InputError(f"{Path(qdq_onnx).name} quantizes {len(missing)} tensor(s) the calibration has no range "
+                         f"for (first: {missing[0]!r})", "re-run 'rexport quantize --precision int8 --force'")
+    kept = set(wanted)
+    out = [f"TRT-{version}-{algorithm}"] + [by_name[t] for t in wanted]
+    atomic_write_text(path, "\n".join(out) + "\n")
+    return {"path": Path(path), "kept": len(kept), "left_out": [t for t in by_name if t not in kept]}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -227,8 +226,9 @@ def _load_average() -> float | None:
 
 
 def _say(progress: bool, msg: str) -> None:
-    if progress:
-        print(msg, file=sys.stderr, flush=True)
+    from rexport.core.progress import say
+
+    say(msg, enabled=progress)
 
 
 def run_bench(run: RunDir, settings: BenchSettings, *, progress: bool = True) -> dict:

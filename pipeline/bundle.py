@@ -212,8 +212,10 @@ def _check_images(run: RunDir, given: str | None) -> tuple[Path, ...]:
             raise InputError(f"no images in {given}", "pass a folder of .jpg/.png images to --check-images")
     else:
         found = []
-        for stage, key in (("quantize:int8", "calib_data"), ("evaluate", "val_data")):
-            folder = ((run.stage(stage) or {}).get("settings") or {}).get(key)
+        records = [(r, "calib_data") for r in run.stages("quantize:int8").values()] + \
+            [(r, "val_data") for r in run.stages("evaluate:").values()]
+        for rec, key in records:
+            folder = (rec.get("settings") or {}).get(key)
             if folder and Path(folder).is_dir():
                 found = list_images(folder)
                 if found:

@@ -23,7 +23,7 @@ from rexport.core.preprocess import PreprocessSpec
 from rexport.pipeline.decode import BatchDecoder
 from rexport.pipeline.labelled import LabelledSet
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
-from rexport.pipeline.variants import REFERENCE, list_variants, open_variant
+from rexport.pipeline.variants import REFERENCE, list_variants, open_variant, reference_variant
 
 __all__ = ["EvaluateSettings", "LabelledSet", "Predictions", "run_evaluate", "predict", "open_labelled_set"]
 
@@ -71,7 +71,7 @@ def top_classes(logits: np.ndarray, k: int = TOPK) -> np.ndarray:
 
 def open_labelled_set(run: RunDir, settings: EvaluateSettings) -> LabelledSet:
     spec = PreprocessSpec.from_onnx(run.file(VARIANT_FILES["fp32"]))
-    num_classes = int(run.stage("export")["summary"]["num_classes"])
+    num_classes = int(run.require_export()["summary"]["num_classes"])
     return LabelledSet(settings.val_data, spec, num_classes, settings.samples, settings.seed)
 
 
@@ -98,14 +98,15 @@ def run_evaluate(run: RunDir, settings: EvaluateSettings, variants: list[str] | 
     run.require_export()
     data = open_labelled_set(run, settings)
     variants = variants or list_variants(run)
-    # the reference goes first: every drop is measured against it
-    variants = [REFERENCE] + [v for v in variants if v != REFERENCE]
+    # the reference goes first: every drop is measured against it (an imported run's is its fp32 ONNX)
+    reference = reference_variant(run)
+    variants = [reference] + [v for v in variants if v != reference]
     overlap = _calibration_overlap(run, data)
     common_warnings = ([f"{overlap} evaluation images are also in the calibration set: INT8 accuracy is optimistic"]
                        if overlap else [])
     st_settings = settings.stage_settings()
     stage_inputs = {v: _inputs(run, settings, v) for v in variants}
-    ref_stale = force or not run.is_fresh(f"evaluate:{REFERENCE}", stage_inputs[REFERENCE], st_settings)
+    ref_stale = force or not run.is_fresh(f"evaluate:{reference}", stage_inputs[reference], st_settings)
     # a new reference result invalidates every drop and agreement: then the one pass covers all
     todo = [v for v in variants if ref_stale or not run.is_fresh(f"evaluate:{v}", stage_inputs[v], st_settings)]
     done: dict[str, Predictions] = {}
@@ -119,7 +120,7 @@ def run_evaluate(run: RunDir, settings: EvaluateSettings, variants: list[str] | 
     for v in variants:
         def action(v=v) -> StageOutcome:
             p = the_pass()
-            ref = None if v == REFERENCE else json.loads(run.file(f"eval/{REFERENCE}.json").read_text())
+            ref = None if v == reference else json.loads(run.file(f"eval/{reference}.json").read_text())
             result = eval_result(v, p, data, ref, settings, common_warnings)
             atomic_write_json(run.file(f"eval/{v}.json"), result)
             summary = {k: result[k] for k in ("top1", "top5", "n", "drop_top1_vs_fp32")}
@@ -140,8 +141,9 @@ def _inputs(run: RunDir, settings: EvaluateSettings, v: str) -> dict:
     artifact = (run.file(VARIANT_FILES[v]) if v in VARIANT_FILES else
                 None if v == REFERENCE else run.path / "engines" / v / "sidecar.json")
     inputs = {"val_data": Path(settings.val_data), "fp32": run.file(VARIANT_FILES["fp32"]), "artifact": artifact}
-    if v != REFERENCE:  # drop and agreement are measured against the reference's results
-        inputs["reference"] = run.file(f"eval/{REFERENCE}.json")
+    reference = reference_variant(run)
+    if v != reference:  # drop and agreement are measured against the reference's results
+        inputs["reference"] = run.file(f"eval/{reference}.json")
     return inputs
 
 

@@ -93,10 +93,19 @@ class RunDir:
         return p
 
     def require_export(self) -> dict:
-        st = self.stage("export")
+        """The record of the stage that made onnx/model.fp32.onnx: ``export``, or ``import`` for an
+        imported ONNX (see ``imported``)."""
+        st = self.stage("export") or self.stage("import")
         if st is None or st.get("status") != "ok" or not self.file(VARIANT_FILES["fp32"]).exists():
-            raise InputError(f"no exported model in {self.path}", "run 'rexport export' first (or pass --out)")
+            raise InputError(f"no exported model in {self.path}",
+                             "run 'rexport export' (or 'rexport import --onnx FILE') first (or pass --out)")
         return st
+
+    @property
+    def imported(self) -> bool:
+        """True when the run started from an imported ONNX file: no PyTorch model, the FP32 ONNX in
+        ONNX Runtime is the reference."""
+        return self.stage("export") is None and self.stage("import") is not None
 
     def variants(self) -> list[str]:
         """ONNX variants present in the run, in pipeline order."""

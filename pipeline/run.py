@@ -1,35 +1,101 @@
 """``rexport run`` / ``make engine``: every stage in order, one line each, a summary at the end.
 
 A failed check (numerics out of tolerance) does not stop the chain: it is marked in the summary
-and the report, and the run exits 1 at the end. Bad input stops it (exit 2).
+and the report, and the run exits 1 at the end. Bad input stops it (exit 2), before any work.
+
+``run`` takes every stage's options: ``run_stages()`` lists the stages and their settings classes,
+and the CLI makes one option per field (rexport/cli/options.py), so a stage and ``run`` cannot drift.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from rexport.core.errors import InputError
+from rexport.core.settings import setting, settings_dict
 from rexport.pipeline.manifest import RunDir
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What only ``run`` decides: which variants to make, on which engine backend."""
+
+    precisions: tuple[str, ...] = setting(PRECISIONS, help="ONNX variants to make, from fp32,fp16,int8 (with fp32).")
+    backend: str = setting("auto", help="Engine backend: auto, tensorrt or openvino.")
+
+    def __post_init__(self) -> None:
+        unknown = set(self.precisions) - set(PRECISIONS)
+        if unknown or "fp32" not in self.precisions:
+            raise InputError(f"bad --precisions {','.join(self.precisions)}",
+                             "use a list from fp32,fp16,int8 including fp32")
+
+
+def run_stages() -> tuple[tuple[str, type, str], ...]:
+    """(stage, settings class, prefix on ``run`` for a name two stages share), in run order.
+    The first two keep their bare names. A stage ``run`` chains adds one entry here."""
+    from rexport.pipeline.backends import BuildSettings
+    from rexport.pipeline.bench import BenchSettings
+    from rexport.pipeline.evaluate import EvaluateSettings
+    from rexport.pipeline.export_options import ExportOptions
+    from rexport.pipeline.quantize import QuantizeSettings
+    from rexport.pipeline.validate import ValidateSettings
+
+    return (("run", RunOptions, "run"), ("export", ExportOptions, "export"),
+            ("validate", ValidateSettings, "validate"), ("quantize", QuantizeSettings, "calib"),
+            ("build", BuildSettings, "build"), ("evaluate", EvaluateSettings, "eval"), ("bench", BenchSettings, "bench"))
 
 
 @dataclass
 class RunSettings:
-    export: "object"                                  # ExportSettings
-    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
-    backend: str = "auto"
-    calib_data: str = "synthetic"
-    calib_samples: int = 512
-    calib_method: str = "entropy"
-    val_data: str | None = None
-    val_samples: int | None = None
-    validate_samples: int = 16
-    bench_batch_sizes: tuple[int, ...] = (1, 8)
-    bench_min_time: float = 1.0
+    """The user's values per stage ({stage: {field: value}}, what flags or a config file gave; the
+    rest are the classes' defaults), and how to run."""
+
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
     command: str = ""
     progress: bool = True
-    notes: list[str] = field(default_factory=list)
+
+    def given(self, stage: str) -> dict[str, Any]:
+        return dict(self.values.get(stage) or {})
+
+    def stage(self, name: str, **fixed):
+        """The settings object of stage ``name`` (None for evaluate without labelled data)."""
+        cls = dict((s, c) for s, c, _ in run_stages())[name]
+        vals = {**self.given(name), **fixed}
+        if name == "evaluate" and not vals.get("val_data"):
+            return None
+        if name == "validate" and "data" not in vals:
+            vals["data"] = self.validation_data()
+        obj = cls(**vals)
+        return obj.to_settings() if name == "export" else obj
+
+    def validation_data(self) -> str:
+        """Validate on real images when the user gave some (the labelled set, else the calibration
+        folder, less the calibrated samples): INT8 ranges calibrated on images say little about how a
+        model treats noise."""
+        calib = self.given("quantize").get("calib_data")
+        real = next((d for d in (self.given("evaluate").get("val_data"), calib) if d and Path(d).exists()
+                     and (Path(d).is_dir() or Path(d).suffix in (".npz", ".npy"))), None)
+        return real or "synthetic"
+
+    def effective(self) -> dict[str, dict[str, Any]]:
+        """Every stage's settings as they will run, defaults included: {stage: {field: value}}."""
+        out = {}
+        for name, cls, _ in run_stages():
+            vals = self.given(name)
+            if name == "validate" and "data" not in vals:
+                vals["data"] = self.validation_data()
+            if name == "quantize":
+                vals["precision"] = "int8"
+            obj = None if (name == "evaluate" and not vals.get("val_data")) else cls(**vals)
+            out[name] = settings_dict(obj) if obj is not None else {**vals, "val_data": None}
+            if name == "quantize":
+                out[name].pop("precision", None)
+        return out
 
 
 def engine_precisions(offered: tuple[str, ...], wanted: tuple[str, ...]) -> list[str]:
@@ -37,22 +103,31 @@ def engine_precisions(offered: tuple[str, ...], wanted: tuple[str, ...]) -> list
     return [p for p in offered if p in wanted or (p == "bf16" and "fp32" in wanted)]
 
 
-def run_all(run: RunDir, s: RunSettings, echo: Callable[[str, dict], None]) -> dict:
-    from rexport.pipeline.backends import BuildSettings, backends, get_backend
-    from rexport.pipeline.bench import BenchSettings
+def run_all(run: RunDir, s: RunSettings, echo: Callable[[str, dict], None], *,
+            record: dict | None = None) -> dict:
+    """Every stage in order; ``record`` (the effective settings and where they came from) goes into
+    the manifest as ``run_settings``."""
+    from rexport.pipeline.backends import backends, get_backend
+    from rexport.pipeline.bench import run_bench_stage
     from rexport.pipeline.build import build_engines
-    from rexport.pipeline.evaluate import EvaluateSettings, run_evaluate
+    from rexport.pipeline.evaluate import run_evaluate
     from rexport.pipeline.export import run_export
-    from rexport.pipeline.quantize import QuantizeSettings, run_quantize
-    from rexport.pipeline.validate import ValidateSettings, run_validate
+    from rexport.pipeline.quantize import run_quantize
+    from rexport.pipeline.report import run_report_stage
+    from rexport.pipeline.validate import run_validate
     from rexport.pipeline.variants import engine_dirs
 
-    unknown = set(s.precisions) - {"fp32", "fp16", "int8"}
-    if unknown or "fp32" not in s.precisions:
-        raise InputError(f"bad --precisions {','.join(s.precisions)}", "use a list from fp32,fp16,int8 including fp32")
+    opts = s.stage("run")
+    precisions = opts.precisions
+    # every setting is checked before any work: bad input is exit 2 with nothing half made
+    export_settings, vs, build_settings = s.stage("export"), s.stage("validate"), s.stage("build")
+    quantize = {p: s.stage("quantize", precision=p) for p in ("fp16", "int8") if p in precisions}
+    es, bench_settings = s.stage("evaluate"), s.stage("bench")
+
     failed: list[str] = []
     t_start = time.perf_counter()
     run.manifest["command"] = s.command
+    run.manifest["run_settings"] = record if record is not None else {"settings": s.effective()}
     run.save()
 
     def note_checks(recs: list[dict]) -> None:
@@ -61,48 +136,37 @@ def run_all(run: RunDir, s: RunSettings, echo: Callable[[str, dict], None]) -> d
             if r.get("status") == "failed":
                 failed.append(f"validate:{r['variant']}")
 
-    rec = run_export(run, s.export)
-    echo("export", rec)
-    # Validate on real images when the user gave some (labelled set, else the calibration folder):
-    # INT8 ranges calibrated on images say little about how a model treats noise.
-    real = next((d for d in (s.val_data, s.calib_data) if d and Path(d).is_dir()), None)
-    vs = ValidateSettings(data=real or "synthetic", samples=s.validate_samples)
+    echo("export", run_export(run, export_settings))
     note_checks(run_validate(run, vs, ["fp32"]))
-    for p in ("fp16", "int8"):
-        if p in s.precisions:
-            q = QuantizeSettings(precision=p, calib_data=s.calib_data, calib_samples=s.calib_samples,
-                                 calib_method=s.calib_method)
-            echo(f"quantize:{p}", run_quantize(run, q, progress=s.progress))
-    onnx_low = [p for p in ("fp16", "int8") if p in s.precisions]
-    if onnx_low:
-        note_checks(run_validate(run, vs, onnx_low))
+    for p, q in quantize.items():
+        echo(f"quantize:{p}", run_quantize(run, q, progress=s.progress))
+    if quantize:
+        note_checks(run_validate(run, vs, list(quantize)))
 
-    chosen = get_backend(s.backend)
-    if s.backend != "auto" and chosen.unavailable_reason():  # asked for by name: bad environment, exit 2
+    chosen = get_backend(opts.backend)
+    if opts.backend != "auto" and chosen.unavailable_reason():  # asked for by name: bad environment, exit 2
         raise chosen.missing_dependency()
     for name, b in backends().items():  # say plainly which engine backends did not run, and why
         reason = b.unavailable_reason()
         if name != chosen.name and reason:
             echo(f"build:{name}", run.record_skip(f"build:{name}", reason))
-    builds = build_engines(run, backend=chosen.name, precisions=engine_precisions(chosen.precisions, s.precisions),
-                           settings=BuildSettings(), progress=s.progress, skip_unavailable=True)
+    builds = build_engines(run, backend=chosen.name, precisions=engine_precisions(chosen.precisions, precisions),
+                           settings=build_settings, progress=s.progress, skip_unavailable=True)
     for r in builds:
         echo(r.get("name", f"build:{chosen.name}"), r)
     engines = [e for e in engine_dirs(run) if e.startswith(chosen.name + "-")]
     if engines:
         note_checks(run_validate(run, vs, engines))
-    if s.val_data:
-        for r in run_evaluate(run, EvaluateSettings(val_data=s.val_data, samples=s.val_samples)):
+    if es is not None:
+        for r in run_evaluate(run, es):
             echo(f"evaluate:{r['variant']}", r)
     else:
         echo("evaluate", run.record_skip("evaluate", "no labelled data given (--val-data / VAL=)"))
-    bench_settings = BenchSettings(batch_sizes=s.bench_batch_sizes, min_time=s.bench_min_time)
-    bench = run.run_stage("bench", inputs=_artifact_inputs(run), settings=_bench_record(bench_settings),
-                          action=lambda: _bench_action(run, bench_settings, s.progress))
+    bench = run_bench_stage(run, bench_settings, progress=s.progress, force=False)
     echo("bench", bench)
     if bench.get("summary", {}).get("errors"):
         failed.append("bench")
-    echo("report", run.run_stage("report", inputs={}, settings={}, action=lambda: _report_action(run), force=True))
+    echo("report", run_report_stage(run))
     return {"failed": failed, "seconds": time.perf_counter() - t_start}
 
 
@@ -117,8 +181,6 @@ def run_notes(run: RunDir, *, weights, calib_data: str, precisions, val_data) ->
         notes.append("no labelled data (--val-data): the accuracy stage did not run")
     results = run.file("bench/results.json")
     if results.exists():
-        import json
-
         bench = json.loads(results.read_text())
         unstable = [f"{r['variant']} b{r['batch']}" for r in bench.get("rows", [])
                     if r.get("status") == "ok" and r.get("stable") is False]
@@ -126,32 +188,3 @@ def run_notes(run: RunDir, *, weights, calib_data: str, precisions, val_data) ->
             notes.append(f"latency did not settle for {', '.join(unstable)} (a busy machine?): "
                          "their speed-ups are rough; rerun 'rexport bench'")
     return notes
-
-
-def _artifact_inputs(run: RunDir) -> dict:
-    from rexport.pipeline.manifest import VARIANT_FILES
-    from rexport.pipeline.variants import engine_dirs
-
-    inputs = {v: run.file(rel) for v, rel in VARIANT_FILES.items() if run.file(rel).exists()}
-    inputs.update({e: d / "sidecar.json" for e, d in engine_dirs(run).items()})
-    return inputs
-
-
-def _bench_record(settings) -> dict:
-    from dataclasses import asdict
-
-    return asdict(settings)
-
-
-def _bench_action(run: RunDir, settings, progress: bool):
-    from rexport.pipeline.bench import bench_outcome, run_bench
-
-    return bench_outcome(run_bench(run, settings, progress=progress))
-
-
-def _report_action(run: RunDir):
-    from rexport.pipeline.manifest import StageOutcome
-    from rexport.pipeline.report import write_report
-
-    write_report(run)
-    return StageOutcome(outputs=["report/report.json", "report/report.md", "report/report.html"])

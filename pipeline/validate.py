@@ -33,8 +33,8 @@ from rexport.core.fsio import atomic_write_json, sha256_file, sha256_json
 from rexport.core.preprocess import PreprocessSpec, list_images
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
 from rexport.pipeline.runners import OnnxRuntimeRunner, Runner
-from rexport.pipeline.variants import (REFERENCE, engine_dirs, list_variants, load_reference, open_variant,
-                                       source_variant, variant_precision)
+from rexport.pipeline.variants import (engine_dirs, list_variants, open_variant, reference_runner,
+                                       reference_variant, source_variant, variant_precision)
 
 #: Default pass criteria per precision: metric -> (comparison, bound).
 TOLERANCES: dict[str, dict[str, tuple[str, float]]] = {
@@ -323,7 +323,7 @@ def validate_variant(run: RunDir, variant: str, settings: ValidateSettings, *, x
                      reference: np.ndarray) -> dict:
     precision = variant_precision(variant)
     logits = variant_logits(open_variant(run, variant), x, settings.batch_sizes)
-    result = {"variant": variant, "precision": precision, "reference": REFERENCE, "inputs": inputs,
+    result = {"variant": variant, "precision": precision, "reference": reference_variant(run), "inputs": inputs,
               "random_weights": _random_weights(run)}
     real = gates_on_real_data(run, inputs)
     result.update(judge(logits, reference, tolerances_for(precision, settings.tolerances, real_data=real)))
@@ -375,7 +375,7 @@ def validate_onnx_file(path: str | os.PathLike, run: RunDir, settings: ValidateS
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise InputError(f"{p} cannot run on this run's inputs: {first}",
                          "validate a model exported from this run's checkpoint") from None
-    res = {"variant": p.name, "precision": precision, "reference": REFERENCE, "inputs": inputs,
+    res = {"variant": p.name, "precision": precision, "reference": reference_variant(run), "inputs": inputs,
            "random_weights": _random_weights(run)}
     res.update(judge(logits, ref, tolerances_for(precision, settings.tolerances,
                                                  real_data=gates_on_real_data(run, inputs))))
@@ -384,9 +384,7 @@ def validate_onnx_file(path: str | os.PathLike, run: RunDir, settings: ValidateS
 
 
 def _reference_logits(run: RunDir, x: np.ndarray) -> np.ndarray:
-    from rexport.pipeline.runners import TorchRunner
-
-    with TorchRunner(load_reference(run).model) as ref:
+    with reference_runner(run) as ref:  # PyTorch, or the imported FP32 ONNX in ONNX Runtime
         return run_batches(ref, x, 8)
 
 
@@ -420,7 +418,7 @@ def run_validate(run: RunDir, settings: ValidateSettings, variants: list[str] | 
         stage_settings = {"data": settings.data, "samples": settings.samples, "batch_sizes": list(settings.batch_sizes),
                           "seed": settings.seed, "tolerances": settings.tolerances, "per_layer": settings.per_layer,
                           "left_out_calibration_samples": sha256_json(sorted(exclude)) if exclude else None,
-                          "export": run.stage("export").get("outputs")}
+                          "export": run.require_export().get("outputs")}
 
         def action(v=v, rel=rel) -> StageOutcome:
             c = prepared()

@@ -22,9 +22,19 @@ def engine_dirs(run: RunDir) -> dict[str, Path]:
     return {d.name: d for d in sorted(root.iterdir()) if d.is_dir() and (d / "sidecar.json").exists()}
 
 
+#: what the ``pytorch`` row says in a run started from an imported ONNX file
+NO_PYTORCH = "not available: imported ONNX"
+
+
+def reference_variant(run: RunDir) -> str:
+    """The variant every other is compared with: ``pytorch``, or ``fp32`` (the imported ONNX in ONNX
+    Runtime) when the run has no PyTorch model."""
+    return "fp32" if run.imported else REFERENCE
+
+
 def list_variants(run: RunDir, *, reference: bool = True) -> list[str]:
-    """Every variant present in the run, in pipeline order."""
-    return ([REFERENCE] if reference else []) + run.variants() + list(engine_dirs(run))
+    """Every variant present in the run, in pipeline order (an imported run has no ``pytorch``)."""
+    return ([REFERENCE] if reference and not run.imported else []) + run.variants() + list(engine_dirs(run))
 
 
 def variant_precision(variant: str) -> str:
@@ -49,6 +59,9 @@ def load_reference(run: RunDir):
     from rexport.models.checkpoint import load_model
 
     st = run.require_export()
+    if run.imported:
+        raise InputError(f"the PyTorch reference of {run.path} is {NO_PYTORCH}",
+                         "use the fp32 variant: the imported ONNX in ONNX Runtime is this run's reference")
     s = st["settings"]
     recorded = ((st.get("inputs") or {}).get("weights") or {}).get("sha256")
     if s.get("weights"):
@@ -60,6 +73,11 @@ def load_reference(run: RunDir):
                              "run 'rexport export' again with it (the PyTorch reference must match the ONNX)")
     return load_model(s["model"], s.get("weights"), num_classes=s.get("num_classes"),
                       trust_checkpoint=s.get("trust_checkpoint", False), seed=s.get("seed", 0))
+
+
+def reference_runner(run: RunDir, *, threads: int | None = None) -> Runner:
+    """The reference's runner: the PyTorch model, or the imported FP32 ONNX in ONNX Runtime."""
+    return open_variant(run, reference_variant(run), threads=threads)
 
 
 def open_variant(run: RunDir, variant: str, *, threads: int | None = None) -> Runner:

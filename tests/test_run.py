@@ -55,7 +55,10 @@ def test_run_finishes_with_a_summary_and_report(finished_run):
 def test_evaluate_warns_when_calibration_and_evaluation_share_images(finished_run):
     out, _ = finished_run
     res = json.loads((out / "eval" / "int8.json").read_text())
-    assert res["n"] == 12 and 0 <= res["top1"] <= 1
+    labels, pred = np.asarray(res["labels"]), np.asarray(res["predictions"])
+    assert res["n"] == 12 and sorted(np.bincount(labels, minlength=3)) == [4, 4, 4]  # every image, its folder's class
+    assert res["top1"] == pytest.approx(float((pred == labels).mean()))  # the figure is the recorded predictions'
+    assert set(pred) <= {0, 1, 2}
     assert any("calibration set" in w for w in res["warnings"])
 
 

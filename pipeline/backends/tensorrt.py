@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rexport.core.env import cuda_gpu, package_version
+from rexport.core.env import cuda_gpu
 from rexport.core.errors import InputError, MissingDependency
 from rexport.pipeline.backends import Backend, BuildSettings, register
 from rexport.pipeline.backends import trt_engine as te
@@ -200,10 +200,6 @@ class TensorRTRunner(Runner):
         y = self._runner.infer(np.ascontiguousarray(x, dtype=np.float32))
         self.settings["cuda_graphs"] = self._runner.cuda_graphs   # "on", or "off (<why>)" once a capture failed
         return y
-
-
-def polygraphy_version() -> str | None:
-    return package_version("polygraphy")
 
 
 register(TensorRTBackend())

@@ -1,4 +1,5 @@
-"""``rexport run``: every stage in order (what ``make engine`` calls)."""
+"""``rexport run``: every stage in order (what ``make engine`` calls). Its options are generated from
+the stage settings dataclasses (pipeline.run.run_stages), so they match the stage commands'."""
 from __future__ import annotations
 
 import shlex
@@ -7,55 +8,61 @@ import sys
 
 import click
 
+from rexport.cli.common import Ctx, log_command, open_run, out_option
+from rexport.cli.config import sources, to_toml
+from rexport.cli.options import run_names, run_options, run_values
 from rexport.core.errors import CheckFailed
-from rexport.cli.common import Ctx, csv_list, floats3, open_run, log_command, out_option
+from rexport.core.settings import setting_specs
+from rexport.pipeline.run import run_stages
+
+STAGES = run_stages()
+
+
+def flat_settings(effective: dict[str, dict]) -> dict[str, object]:
+    """{run option name: value} from RunSettings.effective(): what --print-config writes."""
+    names = run_names(STAGES)
+    out = {}
+    for stage, cls, _ in STAGES:
+        for spec in setting_specs(cls):
+            name = names.get((stage, spec.field))
+            if name is None or spec.field not in effective.get(stage, {}):
+                continue
+            v = effective[stage][spec.field]
+            if isinstance(v, dict):  # --tol a=1 --tol b=2 -> ["a=1", "b=2"]
+                v = [f"{k}={x}" for k, x in v.items()]
+            out[name] = v
+    return out
 
 
 @click.command("run")
-@click.option("--model", default="resnet18", show_default=True)
-@click.option("--weights", type=str, default=None)
-@click.option("--num-classes", type=int, default=None)
-@click.option("--trust-checkpoint", is_flag=True)
-@click.option("--labels", type=str, default=None)
-@click.option("--input-size", type=int, default=224, show_default=True)
-@click.option("--resize", type=int, default=None, help="Shorter side before the centre crop (default input*256/224).")
-@click.option("--mean", callback=floats3, default=None, help="Per-channel mean (default ImageNet).")
-@click.option("--std", callback=floats3, default=None, help="Per-channel std (default ImageNet).")
-@click.option("--opset", type=int, default=None)
-@click.option("--calib-data", default="synthetic", show_default=True)
-@click.option("--calib-samples", type=int, default=512, show_default=True)
-@click.option("--calib-method", type=click.Choice(["entropy", "minmax", "percentile"]), default="entropy",
-              show_default=True)
-@click.option("--val-data", default=None, help="Labelled data for the accuracy stage.")
-@click.option("--val-samples", type=int, default=None)
-@click.option("--precisions", callback=csv_list(str), default="fp32,fp16,int8", show_default=True)
-@click.option("--backend", default="auto", show_default=True)
-@click.option("--bench-min-time", type=float, default=1.0, show_default=True)
+@run_options(STAGES)
+@click.option("--print-config", is_flag=True,
+              help="Print the effective settings as a TOML file for --config, and stop.")
 @out_option
-@click.pass_obj
-def run_cmd(c: Ctx, model, weights, num_classes, trust_checkpoint, labels, input_size, resize, mean, std, opset,
-            calib_data,
-            calib_samples, calib_method, val_data, val_samples, precisions, backend, bench_min_time, out):
+@click.pass_context
+def run_cmd(ctx: click.Context, print_config, out, **kwargs):
     """Every stage: export, validate, fp16, int8, engines, evaluate, bench, report."""
-    from rexport.pipeline.export import export_settings_from_options
     from rexport.pipeline.report import format_table, summary_rows
     from rexport.pipeline.run import RunSettings, run_all, run_notes
 
-    export_settings = export_settings_from_options(
-        model=model, weights=weights, num_classes=num_classes, trust_checkpoint=trust_checkpoint, seed=0,
-        opset=opset, input_size=input_size, resize=resize, mean=mean, std=std, bgr=False, labels=labels,
-        batch="dynamic")
-    settings = RunSettings(export=export_settings, precisions=precisions, backend=backend, calib_data=calib_data,
-                           calib_samples=calib_samples, calib_method=calib_method, val_data=val_data,
-                           val_samples=val_samples, bench_min_time=bench_min_time,
-                           command="rexport " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-                           progress=not (c.quiet or c.json))
+    c: Ctx = ctx.obj
+    values = run_values(STAGES, kwargs)
+    command = "rexport " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    settings = RunSettings(values=values, command=command, progress=not (c.quiet or c.json))
+    effective = settings.effective()  # checks every setting: a bad one is exit 2 before any work
+    flat = flat_settings(effective)
+    model = effective["export"]["model"]
+    if print_config:
+        click.echo(to_toml({"out": out, **flat}, header=[f"rexport run --config FILE  (written by: {command})",
+                                                         "keys are run's long option names; flags win"]), nl=False)
+        return
+    record = {"settings": flat, "config": ctx.meta.get("rexport.config"), "sources": sources(ctx)}
     run = open_run(out, model, must_exist=False)
     created = not run.path.exists()
     try:
         with run.locked():
             log_command(run)
-            outcome = run_all(run, settings, c.stage)
+            outcome = run_all(run, settings, c.stage, record=record)
     except BaseException:
         if created and (run.stage("export") or {}).get("status") != "ok":
             shutil.rmtree(run.path, ignore_errors=True)  # nothing usable was made: leave nothing behind
@@ -63,7 +70,8 @@ def run_cmd(c: Ctx, model, weights, num_classes, trust_checkpoint, labels, input
     say = (lambda text: None) if c.json else click.echo   # the summary shows even with -q
     say("")
     say(format_table(summary_rows(run)))
-    for note in run_notes(run, weights=weights, calib_data=calib_data, precisions=precisions, val_data=val_data):
+    for note in run_notes(run, weights=effective["export"]["weights"], calib_data=effective["quantize"]["calib_data"],
+                          precisions=effective["run"]["precisions"], val_data=effective["evaluate"].get("val_data")):
         say(f"note: {note}")
     say(f"report: {run.file('report/report.html')}  ({outcome['seconds']:.0f} s)")
     c.emit({"failed": outcome["failed"], "report": str(run.file("report/report.json"))})

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from rexport.core.errors import InputError
-from rexport.core.fsio import atomic_write_text
+from rexport.core.fsio import atomic_write_json, atomic_write_text
 
 DEFAULT_VERSION = 8601  # TensorRT 8.6.1, the newest 8.x (JetPack 6.0); pass the builder's own when known
 ALGORITHMS = ("EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration", "LegacyCalibration")
@@ -101,30 +101,59 @@ def _parse(path: Path) -> tuple[int, str, dict[str, float]]:
     return int(header.group(1)), header.group(2), scales
 
 
-def quantized_tensors(qdq_onnx: str | os.PathLike) -> list[str]:
-    """The activation tensors a Q/DQ ONNX file quantizes (inputs of its QuantizeLinear nodes that are not
-    weights), named as in the FP32 graph: through any Cast the FP16-float form puts before a Q."""
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")   # weighted ops: what the per-layer intent is about
+LAYERS_SUFFIX = ".layers.json"      # <key>.int8.tensorrt.cache -> <key>.int8.tensorrt.cache.layers.json
+
+
+def _qdq_graph(qdq_onnx):
     import onnx
 
     graph = onnx.load(str(qdq_onnx), load_external_data=False).graph
-    weights = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     made_by = {o: n for n in graph.node for o in n.output}
-    found: dict[str, None] = {}
-    for node in graph.node:
-        if node.op_type != "QuantizeLinear":
-            continue
-        name = node.input[0]
+
+    def through_casts(name: str) -> str:
         while name in made_by and made_by[name].op_type == "Cast":
             name = made_by[name].input[0]
-        if name not in weights:
-            found[name] = None
+        return name
+
+    return graph, made_by, through_casts
+
+
+def quantized_tensors(qdq_onnx: str | os.PathLike) -> list[str]:
+    """The activation tensors a Q/DQ ONNX file quantizes (inputs of its QuantizeLinear nodes that are not
+    weights), named as in the FP32 graph: through any Cast the FP16-float form puts before a Q."""
+    graph, _, through_casts = _qdq_graph(qdq_onnx)
+    weights = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    found: dict[str, None] = {}
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and through_casts(node.input[0]) not in weights:
+            found[through_casts(node.input[0])] = None
     return list(found)
+
+
+def layer_intent(qdq_onnx: str | os.PathLike) -> dict:
+    """What the file means per weighted node (named as in the FP32 graph and TensorRT's network): 'int8' when
+    its data input comes from a DequantizeLinear, else the file's float precision (fp16 when it has FP16 parts)."""
+    import onnx
+
+    graph, made_by, through_casts = _qdq_graph(qdq_onnx)
+    half = onnx.TensorProto.FLOAT16
+    float_parts = "fp16" if any(i.data_type == half for i in graph.initializer) or any(
+        n.op_type == "Cast" and any(a.name == "to" and a.i == half for a in n.attribute) for n in graph.node) else "fp32"
+    layers = {}
+    for node in graph.node:
+        if node.op_type in COMPUTE_OPS:
+            src = made_by.get(through_casts(node.input[0]))
+            layers[node.name] = "int8" if src is not None and src.op_type == "DequantizeLinear" else float_parts
+    return {"file": Path(qdq_onnx).name, "int8_float": float_parts, "layers": layers}
 
 
 def write_tensorrt_cache_for_file(full_cache: str | os.PathLike, qdq_onnx: str | os.PathLike,
                                   path: str | os.PathLike) -> dict:
-    """The calibration cache for one Q/DQ file: the lines of ``full_cache`` (every calibrated tensor) of
-    the tensors the file quantizes, verbatim, so TensorRT 8.x's weak-typed INT8 leaves the rest in float.
+    """The calibration cache for one Q/DQ file: the lines of ``full_cache`` (every calibrated tensor) of the
+    tensors the file quantizes, verbatim, so TensorRT 8.x's weak-typed INT8 leaves the rest in float; and beside
+    it (``<path>.layers.json``) the file's per-layer intent, which the build pins float layers by (a tensor
+    shared by a quantized and a float consumer keeps its scale, so the cache alone cannot say that).
     Returns what was kept and left out. A tensor the file quantizes without a range is an InputError."""
     version, algorithm, _ = _parse(Path(full_cache))
     lines = Path(full_cache).read_text(encoding="utf-8").splitlines()[1:]
@@ -135,6 +164,9 @@ def write_tensorrt_cache_for_file(full_cache: str | os.PathLike, qdq_onnx: str |
         raise InputError(f"{Path(qdq_onnx).name} quantizes {len(missing)} tensor(s) the calibration has no range "
                          f"for (first: {missing[0]!r})", "re-run 'rexport quantize --precision int8 --force'")
     kept = set(wanted)
-    out = [f"TRT-{version}-{algorithm}"] + [by_name[t] for t in wanted]
-    atomic_write_text(path, "\n".join(out) + "\n")
-    return {"path": Path(path), "kept": len(kept), "left_out": [t for t in by_name if t not in kept]}
+    path = Path(path)
+    intent = layer_intent(qdq_onnx)
+    atomic_write_json(path.with_name(path.name + LAYERS_SUFFIX), intent)
+    atomic_write_text(path, "\n".join([f"TRT-{version}-{algorithm}"] + [by_name[t] for t in wanted]) + "\n")
+    return {"path": path, "layers_path": path.with_name(path.name + LAYERS_SUFFIX), "kept": len(kept),
+            "left_out": [t for t in by_name if t not in kept], "int8_float": intent["int8_float"]}

@@ -21,7 +21,8 @@ from rexport.core.settings import setting
 from rexport.core.fsio import atomic_write_json
 from rexport.core.preprocess import PreprocessSpec
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
-from rexport.pipeline.variants import REFERENCE, list_variants, open_variant, variant_precision
+from rexport.pipeline.variants import (NO_PYTORCH, REFERENCE, list_variants, open_variant, reference_variant,
+                                       variant_precision)
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "bench/results.json"
@@ -32,6 +33,10 @@ LATENCY_DEFINITION = (
     "(time.perf_counter) around runner.infer; excludes image decoding/preprocessing")
 THROUGHPUT_DEFINITION = "images_per_s = batch * 1000 / mean_ms (sustained rate of back-to-back synchronous calls)"
 SPEEDUP_DEFINITION = "speedup_vs_pytorch = p50_ms of pytorch / p50_ms of the row, at the same batch size"
+GPU_COMPUTE_DEFINITION = (
+    "gpu_compute_ms: TensorRT only, the GPU time of the engine's enqueue per call between two CUDA events on "
+    "its stream (trtexec's 'GPU Compute Time'); the row's p50_ms is the host end-to-end latency (copies included); "
+    "cuda_graphs says whether the enqueue was replayed as a recorded CUDA graph")
 GPU_COMPUTE_NOT_MEASURED = ("not measured: the runner reports no device-side time "
                             "(a TensorRT runner may set .last_device_ms from CUDA events)")
 
@@ -93,7 +98,7 @@ def _row(variant: str, backend: str, precision: str | None, batch: int, status: 
             "status": status, "reason": reason, "p50_ms": None, "p90_ms": None, "p99_ms": None,
             "mean_ms": None, "std_ms": None, "min_ms": None, "max_ms": None, "images_per_s": None, "iterations": 0,
             "timed_s": None, "stable": None, "stop": None, "runner_settings": {},
-            "gpu_compute_ms": None, "speedup_vs_pytorch": None}
+            "gpu_compute_ms": None, "cuda_graphs": None, "speedup_vs_pytorch": None}
 
 
 def _stats(samples_s: list[float]) -> dict:
@@ -142,7 +147,8 @@ def time_runner(runner, x: np.ndarray, settings: BenchSettings) -> dict:
     out.update(iterations=len(samples), timed_s=round(elapsed, 4), stable=stable, stop=stop)
     if device_ms:
         d = np.asarray(device_ms)
-        out["gpu_compute_ms"] = {"p50_ms": float(np.median(d)), "mean_ms": float(d.mean()),
+        p50, p90, p99 = (float(v) for v in np.percentile(d, _PERCENTILES))
+        out["gpu_compute_ms"] = {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "mean_ms": float(d.mean()),
                                  "iterations": len(device_ms)}
     return out
 
@@ -209,9 +215,16 @@ def _bench_variant(run: RunDir, variant: str, xs: dict[int, np.ndarray], setting
                 continue
             r["runner_settings"] = dict(getattr(runner, "settings", {}) or {})
             r["images_per_s"] = r["batch"] * 1000.0 / r["mean_ms"]
-            if backend == "tensorrt" and r["gpu_compute_ms"] is None:
-                r["gpu_compute_ms"] = GPU_COMPUTE_NOT_MEASURED
-            _say(progress, f"bench {variant} b{r['batch']}: p50 {r['p50_ms']:.3f} ms, "
+            gpu = ""
+            if backend == "tensorrt":
+                r["cuda_graphs"] = r["runner_settings"].get("cuda_graphs")
+                if r["gpu_compute_ms"] is None:
+                    r["gpu_compute_ms"] = GPU_COMPUTE_NOT_MEASURED
+                else:
+                    gpu = f", GPU compute p50 {r['gpu_compute_ms']['p50_ms']:.3f} ms"
+                gpu += f", CUDA graphs {r['cuda_graphs']}" if r["cuda_graphs"] is not None else ""
+            _say(progress, f"bench {variant} b{r['batch']}: p50 {r['p50_ms']:.3f} ms"
+                           f"{' host end-to-end' if backend == 'tensorrt' else ''}{gpu}, "
                            f"{r['images_per_s']:.1f} img/s ({r['iterations']} calls, {r['stop']})")
     finally:
         runner.__exit__(None, None, None)
@@ -242,7 +255,7 @@ def run_bench(run: RunDir, settings: BenchSettings, *, progress: bool = True) ->
     xs, input_info = _inputs(run, settings)
     present = list_variants(run)
     if settings.variants is not None:  # the reference first: it is the baseline of speedup_vs_pytorch
-        asked = sorted(dict.fromkeys(settings.variants), key=lambda v: v != REFERENCE)
+        asked = sorted(dict.fromkeys(settings.variants), key=lambda v: v != reference_variant(run))
         wanted = [v for v in asked if _selected(v, settings)]
     else:
         wanted = [v for v in present if _selected(v, settings)]
@@ -251,7 +264,8 @@ def run_bench(run: RunDir, settings: BenchSettings, *, progress: bool = True) ->
     rows: list[dict] = []
     for variant in wanted:
         if variant not in present:
-            reason = skipped_builds.pop(variant, None) or f"not in {run.path} (build or quantize it first)"
+            reason = skipped_builds.pop(variant, None) or (NO_PYTORCH if variant == REFERENCE and run.imported
+                                                           else f"not in {run.path} (build or quantize it first)")
             rows += [_row(variant, variant_backend(variant), variant_precision(variant), b, "skipped", reason)
                      for b in settings.batch_sizes]
             continue
@@ -267,15 +281,17 @@ def run_bench(run: RunDir, settings: BenchSettings, *, progress: bool = True) ->
             continue
         rows += [_row(variant, backend, precision, b, "skipped", reason) for b in settings.batch_sizes]
 
-    base = {r["batch"]: r["p50_ms"] for r in rows if r["variant"] == REFERENCE and r["status"] == "ok"}
+    base = {r["batch"]: r["p50_ms"] for r in rows if r["variant"] == reference_variant(run) and r["status"] == "ok"}
     for r in rows:
         if r["status"] == "ok" and base.get(r["batch"]):
             r["speedup_vs_pytorch"] = base[r["batch"]] / r["p50_ms"]
 
+    machine = _percent_of_peak(run, rows)
+
     results = {
-        "schema_version": SCHEMA_VERSION, "created": _now(),
+        "schema_version": SCHEMA_VERSION, "created": _now(), "machine": machine,
         "latency_definition": LATENCY_DEFINITION, "throughput_definition": THROUGHPUT_DEFINITION,
-        "speedup_definition": SPEEDUP_DEFINITION, "percentiles": "numpy.percentile, linear interpolation; "
+        "speedup_definition": SPEEDUP_DEFINITION, "gpu_compute_definition": GPU_COMPUTE_DEFINITION, "percentiles": "numpy.percentile, linear interpolation; "
         "std is the population standard deviation of the per-call times",
         "settings": settings.to_dict(), "input": input_info, "environment": environment(),
         "load_average": {"before": load_before, "after": _load_average(),
@@ -284,6 +300,30 @@ def run_bench(run: RunDir, settings: BenchSettings, *, progress: bool = True) ->
     }
     atomic_write_json(run.file(RESULTS_FILE), results)
     return results
+
+
+def _percent_of_peak(run: RunDir, rows: list[dict]) -> dict:
+    """Each CPU row's throughput as a share of this machine's measured peak (INT8 rows against the INT8
+    GEMM peak, the rest against the FP32 one): a figure that two machines of one kind can compare."""
+    from rexport.core.machine import machine_fingerprint, percent_of_peak
+    from rexport.pipeline.model_ops import macs_per_image
+
+    machine = machine_fingerprint(probe=True)
+    peaks = machine.get("peaks") or {}
+    try:
+        ops = 2 * macs_per_image(run.file(VARIANT_FILES["fp32"]), PreprocessSpec.from_onnx(
+            run.file(VARIANT_FILES["fp32"])).input_size)
+    except Exception as e:  # an imported graph shape inference cannot follow: no share of peak, said why
+        machine["ops_per_image_error"] = _one_line(e)
+        ops = 0
+    machine["ops_per_image"] = ops
+    for r in rows:
+        r["percent_of_peak"] = None
+        if r["status"] != "ok" or r.get("backend") == "tensorrt" or not ops:
+            continue
+        peak = peaks.get("int8_gops") if r.get("precision") == "int8" else peaks.get("fp32_gflops")
+        r["percent_of_peak"] = percent_of_peak(ops, r["images_per_s"], peak)
+    return machine
 
 
 def bench_outcome(results: dict) -> StageOutcome:

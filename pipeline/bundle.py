@@ -6,6 +6,7 @@ A bundle is a folder (or a .tar.gz of it) that runs without rexport or torch::
       bundle.json            what is inside: variants, sources, sha256 of every file
       README.txt             how to run it
       run_engine.py          standalone runner (numpy + pillow + the model's runtime)
+      trt_engine.py          the TensorRT module rexport itself uses (build, runner, version rules)
       preprocess.json        the PreprocessSpec the model was exported with
       labels.txt             class names, when the run has them
       models/model.<v>.onnx  ONNX variants (ONNX Runtime anywhere; TensorRT/OpenVINO can rebuild from them)
@@ -27,6 +28,7 @@ import json
 import os
 import shutil
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -34,14 +36,32 @@ from rexport import __version__
 from rexport.core.errors import InputError
 from rexport.core.fsio import atomic_dir, atomic_path, sha256_file
 from rexport.core.preprocess import PreprocessSpec
+from rexport.core.settings import setting
 from rexport.pipeline.backends.sidecar import SIDECAR_NAME, read_sidecar, verify_engine_files
-from rexport.pipeline.deploy import check_variants, get_format, refusal, writer
+from rexport.pipeline.deploy import FORMATS, check_variants, get_format, refusal, writer
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir
 from rexport.pipeline.variants import engine_dirs
 
 BUNDLE_SCHEMA = 1
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+TRT_ENGINE = Path(__file__).resolve().parent / "backends" / "trt_engine.py"   # shipped verbatim: the scripts import it
 DEFAULT_ONNX = ("fp32", "int8")
+
+
+@dataclass(frozen=True)
+class BundleSettings:
+    """The deployment layout and its server-side knobs (the variants and destination are the command's)."""
+
+    format: str = setting("folder", choices=tuple(FORMATS),
+                          help="Layout: folder (our runner), triton, deepstream or ovms (see README).")
+    queue_delay_us: int = setting(100, help="Triton dynamic_batching max_queue_delay_microseconds.")
+    check_images: str | None = setting(None, help="Images to measure DeepStream's single-scale preprocessing on "
+                                                  "(default: the run's calibration/eval images, else generated photos).")
+
+    def __post_init__(self) -> None:
+        get_format(self.format)
+        if self.queue_delay_us < 0:
+            raise InputError(f"bad --queue-delay-us {self.queue_delay_us}", "pass 0 or more microseconds")
 
 
 def available_variants(run: RunDir) -> list[str]:
@@ -148,6 +168,7 @@ def _write_bundle(root: Path, run: RunDir, onnx: list[str], sidecars: dict, engi
     if spec.labels:
         (root / "labels.txt").write_text("".join(f"{label}\n" for label in spec.labels), encoding="utf-8")
     _copy(TEMPLATES / "run_engine.py", root / "run_engine.py")
+    _copy(TRT_ENGINE, root / "trt_engine.py")
     cache_rel = None
     if build_on_device:
         _copy(TEMPLATES / "build_engine.py", root / "build_engine.py")
@@ -246,7 +267,7 @@ def _readme(contents: dict, spec: PreprocessSpec, build_on_device: bool, cache_r
         "  ONNX (models/*.onnx)          pip install onnxruntime",
         "  engines/openvino-*            pip install openvino (an engine loads with the OpenVINO version that built it or newer)",
         "  engines/tensorrt-*            TensorRT with the exact version and GPU recorded in its sidecar.json",
-        "                                (JetPack: apt install python3-libnvinfer)",
+        "                                (JetPack: apt install python3-libnvinfer) and pip install polygraphy (its CUDA wrapper)",
         "",
         f"Preprocessing (preprocess.json): resize shorter side to {spec.resize} ({spec.interpolation}), centre crop "
         f"{spec.input_size}, scale to [0, 1], normalise mean {list(spec.mean)} std {list(spec.std)}, "
@@ -256,7 +277,7 @@ def _readme(contents: dict, spec: PreprocessSpec, build_on_device: bool, cache_r
     if build_on_device:
         lines += [
             "",
-            "Build a TensorRT engine on this device (needs only TensorRT's Python bindings and numpy):",
+            "Build a TensorRT engine on this device (needs TensorRT's Python bindings, numpy and polygraphy):",
             "",
             "  python3 build_engine.py --precision int8     # or fp16 / fp32; --help for batch profile, DLA, workspace",
             "  python3 run_engine.py engines/tensorrt-int8 IMAGE...",
@@ -265,5 +286,7 @@ def _readme(contents: dict, spec: PreprocessSpec, build_on_device: bool, cache_r
             "(JetPack 5.1/6.0) build models/model.fp32.onnx with builder flags"
             + (f" and the INT8 ranges in {cache_rel}." if cache_rel else "; INT8 there needs a calibration cache, "
                "which this bundle lacks (run 'rexport quantize --precision int8' and bundle again)."),
+            "That cache holds only the tensors the INT8 file quantizes; the layers the file keeps in float are",
+            "pinned to its float precision (--int8-float fp16|fp32), so 8.x builds what 10/11 build.",
         ]
     return "\n".join(lines) + "\n"

@@ -33,14 +33,18 @@ TOPK = 5
 
 @dataclass(frozen=True)
 class EvaluateSettings:
-    val_data: str = setting(help="Labelled data: class_name/*.jpg folder or .npz with x and y.")
+    val_data: str = setting(run="val-data", help="Labelled data: class_name/*.jpg folder or .npz with x and y.")
     samples: int | None = setting(None, aliases=("val-samples",),
                                   help="Evaluate a seeded random subset of this size (default: every sample).")
     batch_size: int = 16
     seed: int = 0
-    decode_workers: int | None = None  # decode processes; None: sized to the cores, 0: decode in this process
-    ray: str | None = None         # None: this machine; "default" (ray.init()) or a cluster address: shard on Ray
-    ray_shards: int | None = None  # None: one shard per CPU of the cluster
+    decode_workers: int | None = setting(None, help="Image decoding processes (default: one per core but one; "
+                                                    "0: decode in this process).")
+    # --ray [ADDRESS] takes an optional value, which the generated options cannot say: the evaluate
+    # command declares it by hand, and matrix passes it on.
+    ray: str | None = setting(None, cli=False, run=False,
+                              help="Shard over Ray: 'default' (ray.init()) or a cluster address.")
+    ray_shards: int | None = setting(None, run=False, help="Ray shards (default: one per CPU of the cluster).")
 
     def __post_init__(self) -> None:
         if (self.samples is not None and self.samples < 1) or self.batch_size < 1:

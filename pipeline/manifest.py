@@ -47,6 +47,30 @@ class StageOutcome:
     reason: str | None = None   # why skipped / failed
 
 
+def summary_figures(summary: dict, limit: int = 10) -> str:
+    """A stage summary's figures on one line for run.log: ``key=value`` for its numbers and short
+    strings (one level into nested records, as ``calibration.samples=512``)."""
+    parts: list[str] = []
+
+    def add(key: str, v: Any) -> None:
+        if isinstance(v, bool) or v is None:
+            return
+        if isinstance(v, float):
+            parts.append(f"{key}={v:.4g}")
+        elif isinstance(v, int) or (isinstance(v, str) and 0 < len(v) <= 40 and "\n" not in v):
+            parts.append(f"{key}={v}")
+
+    for k, v in (summary or {}).items():
+        if k == "ops":  # the op histogram: in the manifest, too long for a log line
+            continue
+        if isinstance(v, dict):
+            for k2, v2 in v.items():
+                add(f"{k}.{k2}", v2)
+        else:
+            add(k, v)
+    return ", ".join(parts[:limit])
+
+
 class RunDir:
     """A run directory (``--out``) with ``manifest.json`` and ``run.log``."""
 
@@ -193,7 +217,9 @@ class RunDir:
         }
         self.manifest["stages"][name] = rec
         self.save()
-        self.log(f"{name}: {outcome.status} in {rec['duration_s']} s" + (f" ({outcome.reason})" if outcome.reason else ""))
+        figures = summary_figures(outcome.summary)
+        self.log(f"{name}: {outcome.status} in {rec['duration_s']} s" + (f" ({outcome.reason})" if outcome.reason else "")
+                 + (f"; {figures}" if figures else ""))
         return {**rec, "reused": False}
 
     def record_skip(self, name: str, reason: str, settings: dict | None = None) -> dict:

@@ -73,7 +73,12 @@ def run_quantize(run: RunDir, settings: QuantizeSettings, *, progress: bool = Tr
         result = calibrate(fp32, reader, calib, run.path / "calibration", progress=progress)
         report = insert_qdq(fp32, result.ranges, run.file(rel), qdq)
         cal_rel = str(result.json_path.relative_to(run.path))
-        trt_rel = str(result.tensorrt_cache_path.relative_to(run.path))
+        # TensorRT 8.x / --legacy: the cache written for this file holds only the tensors it quantizes.
+        from rexport.calibration.tensorrt_cache import write_tensorrt_cache_for_file
+        trt_cache = write_tensorrt_cache_for_file(result.tensorrt_cache_path, run.file(rel),
+                                                  result.tensorrt_cache_path.with_name(f"{result.key}.int8.tensorrt.cache"))
+        trt_rel = str(trt_cache["path"].relative_to(run.path))
+        layers_rel = str(trt_cache["layers_path"].relative_to(run.path))
         summary = {
             "calibration": {"method": calib.method, "samples": result.samples, "data": settings.calib_data,
                             "description": result.data_description, "synthetic": result.synthetic,
@@ -81,9 +86,11 @@ def run_quantize(run: RunDir, settings: QuantizeSettings, *, progress: bool = Tr
                             # which samples were used, so evaluation can warn about overlap
                             "sample_sha256": sorted(reader.sample_fingerprints()) if not reader.synthetic else []},
             "calibration_file": cal_rel, "tensorrt_cache": trt_rel,
+            "tensorrt_cache_tensors": {"kept": trt_cache["kept"], "left_out": trt_cache["left_out"]},
+            "tensorrt_layers": layers_rel,
             "qdq": asdict(report),
         }
-        return StageOutcome(outputs=[rel, cal_rel, trt_rel], summary=summary)
+        return StageOutcome(outputs=[rel, cal_rel, trt_rel, layers_rel], summary=summary)
 
     return run.run_stage("quantize:int8", inputs={"fp32": fp32}, settings=stage_settings, action=int8_action,
                          force=force)

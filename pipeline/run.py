@@ -35,9 +35,11 @@ class RunOptions:
                              "use a list from fp32,fp16,int8 including fp32")
 
 
-def run_stages() -> tuple[tuple[str, type, str], ...]:
-    """(stage, settings class, prefix on ``run`` for a name two stages share), in run order.
-    The first two keep their bare names. A stage ``run`` chains adds one entry here."""
+def run_stages() -> tuple[tuple[str, type, str, bool], ...]:
+    """(stage, settings class, prefix on ``run``, prefix every field), in run order. On ``run`` a field
+    is named as on its stage command, prefixed with its stage's prefix when another stage has the same
+    name, or always for stages whose fields only make sense with it (``--bench-min-time``). The first
+    two (run's own options, export) keep their bare names. A stage ``run`` chains adds one entry here."""
     from rexport.pipeline.backends import BuildSettings
     from rexport.pipeline.bench import BenchSettings
     from rexport.pipeline.evaluate import EvaluateSettings
@@ -45,9 +47,10 @@ def run_stages() -> tuple[tuple[str, type, str], ...]:
     from rexport.pipeline.quantize import QuantizeSettings
     from rexport.pipeline.validate import ValidateSettings
 
-    return (("run", RunOptions, "run"), ("export", ExportOptions, "export"),
-            ("validate", ValidateSettings, "validate"), ("quantize", QuantizeSettings, "calib"),
-            ("build", BuildSettings, "build"), ("evaluate", EvaluateSettings, "eval"), ("bench", BenchSettings, "bench"))
+    return (("run", RunOptions, "run", False), ("export", ExportOptions, "export", False),
+            ("validate", ValidateSettings, "validate", True), ("quantize", QuantizeSettings, "calib", False),
+            ("build", BuildSettings, "build", False), ("evaluate", EvaluateSettings, "eval", True),
+            ("bench", BenchSettings, "bench", True))
 
 
 @dataclass
@@ -64,7 +67,7 @@ class RunSettings:
 
     def stage(self, name: str, **fixed):
         """The settings object of stage ``name`` (None for evaluate without labelled data)."""
-        cls = dict((s, c) for s, c, _ in run_stages())[name]
+        cls = {s: c for s, c, *_ in run_stages()}[name]
         vals = {**self.given(name), **fixed}
         if name == "evaluate" and not vals.get("val_data"):
             return None
@@ -85,7 +88,7 @@ class RunSettings:
     def effective(self) -> dict[str, dict[str, Any]]:
         """Every stage's settings as they will run, defaults included: {stage: {field: value}}."""
         out = {}
-        for name, cls, _ in run_stages():
+        for name, cls, *_ in run_stages():
             vals = self.given(name)
             if name == "validate" and "data" not in vals:
                 vals["data"] = self.validation_data()

@@ -84,7 +84,8 @@ class ValidateSettings:
     samples: int = 16
     batch_sizes: tuple[int, ...] = (1, 8)
     seed: int = 0
-    tolerances: dict[str, float] = setting(default_factory=dict, cli="tol", multiple=True, parse=parse_tolerances,
+    tolerances: dict[str, float] = setting(default_factory=dict, cli="tol", run="tol", multiple=True,
+                                           parse=parse_tolerances,
                                            help="Override a tolerance, e.g. --tol cosine_min=0.99 or "
                                                 "--tol int8.cosine_min=0.97 (repeatable).")
     per_layer: bool = True

@@ -23,6 +23,8 @@ class BuildSettings:
     dla_core: int | None = setting(None, help="TensorRT legacy path: build for this DLA core.")
     version_compatible: bool = setting(False, help="TensorRT >= 8.6: a plan for later TensorRT versions.")
     hardware_compatible: bool = setting(False, help="TensorRT >= 8.6: a plan for all Ampere+ GPUs.")
+    cuda_graphs: bool = setting(False, help="TensorRT: replay each batch shape as a recorded CUDA graph "
+                                             "(a load setting, recorded in the sidecar).")
     threads: int | None = setting(None, help="OpenVINO inference threads (default: all cores).")
 
     def __post_init__(self) -> None:

@@ -154,7 +154,7 @@ class TensorRTBackend(Backend):
         (dest / PLAN_FILE).write_bytes(result.plan)
         return te.make_sidecar(result, dest, device, source_onnx=onnx_path, source_variant=_variant_of(onnx_path),
                                preprocess=_preprocess_dict(onnx_path, facts), built_by="rexport",
-                               cuda_graphs=getattr(settings, "cuda_graphs", False))
+                               cuda_graphs=settings.cuda_graphs)
 
     def load(self, engine_dir: Path, *, threads: int | None = None) -> "TensorRTRunner":
         engine_dir = Path(engine_dir)

@@ -290,4 +290,4 @@ def open_served(root: Path, name: str, spec=None, folded: bool = False):
     labels = tuple(labels_file.read_text(encoding="utf-8").strip().split(";")) if labels_file.is_file() else ()
     note = "nvinfer's preprocessing (whole frame scaled to the input size)" + (
         "; ONNX Runtime stands in for the TensorRT engine nvinfer builds from onnx-file" if model_file.endswith(".onnx") else "")
-    return Served(runner, declared, prepare, labels, note)
+    return Served(runner, declared, prepare, labels, note, folder / model_file)

@@ -128,4 +128,4 @@ def open_served(root: Path, name: str, spec, folded: bool):
     labels_file = root / "labels.txt"
     labels = tuple(labels_file.read_text(encoding="utf-8").splitlines()) if labels_file.is_file() else ()
     return Served(runner, declared, lambda image: client_input(image, spec, declared, folded), labels,
-                  f"OVMS {path.relative_to(root)} with plugin_config {entry.get('plugin_config') or {}}")
+                  f"OVMS {path.relative_to(root)} with plugin_config {entry.get('plugin_config') or {}}", path)

@@ -22,6 +22,7 @@ class Served:
     prepare: Callable[[str | Path], np.ndarray]
     labels: tuple[str, ...]
     note: str = ""
+    path: Path | None = None        # the model file the config names
 
 
 @dataclass(frozen=True)

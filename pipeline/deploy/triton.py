@@ -217,7 +217,7 @@ def open_served(root: Path, name: str, spec, folded: bool):
     label_file = next((o.label_filename for o in config.output if o.label_filename), "")
     labels = tuple((folder / label_file).read_text(encoding="utf-8").splitlines()) if label_file else ()
     return Served(runner, declared, lambda image: client_input(image, spec, declared, folded), labels,
-                  f"Triton {config.platform or config.backend} from {path.relative_to(root)}")
+                  f"Triton {config.platform or config.backend} from {path.relative_to(root)}", path)
 
 
 def _type_name(value: int) -> str:

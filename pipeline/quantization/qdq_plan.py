@@ -41,6 +41,10 @@ class QdqSettings:
     #: put Q/DQ on the inputs of MaxPool and the global average pool, so both run in INT8; a MaxPool's
     #: output then needs no Q/DQ of its own
     quantize_pool_inputs: bool = True
+    #: also put Q/DQ on every consumer edge of a quantized pool's output, so the pool runs between a DQ and
+    #: a Q (TensorRT's placement, as NVIDIA ModelOpt writes it); False: a MaxPool output stays on the INT8
+    #: grid without one, and a global pool's output goes on in float
+    pool_output_qdq: bool = False
     #: store weights as INT8 initializers + DequantizeLinear (TensorRT >= 10, OpenVINO) instead of
     #: FP32 + QuantizeLinear + DequantizeLinear (also TensorRT 8.5/8.6)
     int8_weights: bool = False
@@ -127,13 +131,24 @@ def plan_qdq(model: onnx.ModelProto, settings: QdqSettings) -> QdqPlan:
         elif node.op_type in POOL_OPS and settings.quantize_pool_inputs and node.input[0] not in inits:
             act.append((idx, 0))
 
-    # A max-pool of a dequantized tensor only selects values already on the INT8 grid: its output needs no
-    # Q/DQ of its own (TensorRT propagates the DQ forward across it; OpenVINO runs the pool in INT8).
-    quantized_pools = {graph.node[n].output[0] for n, i in act if graph.node[n].op_type in _MAX_POOL_OPS}
-    act = [(n, i) for n, i in act if graph.node[n].input[i] not in quantized_pools]
+    if settings.pool_output_qdq:
+        act += _pool_output_edges(graph, act, excluded)
+    else:
+        # A max-pool of a dequantized tensor only selects values already on the INT8 grid: its output needs
+        # no Q/DQ of its own (TensorRT propagates the DQ forward across it; OpenVINO runs the pool in INT8).
+        quantized_pools = {graph.node[n].output[0] for n, i in act if graph.node[n].op_type in _MAX_POOL_OPS}
+        act = [(n, i) for n, i in act if graph.node[n].input[i] not in quantized_pools]
+    act = list(dict.fromkeys(act))
 
     return QdqPlan(activation_edges=tuple(sorted(act)), weight_edges=tuple(wts), quantized_nodes=tuple(quantized),
                  excluded_nodes=tuple(node_id(graph.node[i]) for i in sorted(excluded)))
+
+
+def _pool_output_edges(graph: onnx.GraphProto, act: list[tuple[int, int]], excluded: set[int]) -> list[tuple[int, int]]:
+    """The consumer edges of each pool whose input is quantized (node index, input index)."""
+    pooled = {graph.node[n].output[0] for n, i in act if graph.node[n].op_type in POOL_OPS and i == 0}
+    return [(idx, i) for idx, node in enumerate(graph.node) if idx not in excluded
+            for i, x in enumerate(node.input) if x in pooled]
 
 
 def _add_inputs_to_quantize(node: onnx.NodeProto, inits: set[str], producers: dict[str, int],

@@ -25,7 +25,7 @@ def _weights(src: Sources) -> dict:
     if src.random_weights:
         return {"random_init": True, "seed": seed, "path": None, "sha256": None,
                 "text": f"random init (seed {seed}): accuracy numbers are meaningless"}
-    inp = ex.get("inputs", {}).get("weights") or {}
+    inp = ex.get("inputs", {}).get("weights") or ex.get("inputs", {}).get("onnx") or {}  # onnx: imported
     path, sha = inp.get("path") or s.get("weights"), inp.get("sha256")
     return {"random_init": False, "seed": None, "path": path, "sha256": sha,
             "text": f"{path} (sha256 {sha or 'not recorded'})"}

@@ -7,7 +7,7 @@ from rexport.pipeline.bench import variant_backend
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir
 from rexport.pipeline.reporting.formatting import BACKEND_NAMES, PREFERRED_LATENCY_BATCH, PREFERRED_THROUGHPUT_BATCH
 from rexport.pipeline.reporting.sources import Sources
-from rexport.pipeline.variants import REFERENCE, list_variants, variant_precision
+from rexport.pipeline.variants import NO_PYTORCH, REFERENCE, list_variants, variant_precision
 
 
 def _skipped_variants(src: Sources, present: set[str]) -> dict[str, dict]:
@@ -54,6 +54,9 @@ def rows_of(src: Sources) -> list[dict]:
         if v not in seen:
             seen.append(v)
     skipped = _skipped_variants(src, set(present))
+    if run.imported:  # no PyTorch model: the row says so, first, where the reference would be
+        skipped[REFERENCE] = {"status": "skipped", "reason": NO_PYTORCH, "stage": "import"}
+        seen = [REFERENCE] + [v for v in seen if v != REFERENCE]
     lat_b, thr_b = _bench_batches(src)
 
     rows = []

@@ -61,7 +61,7 @@ class Sources:
 
     @property
     def export(self) -> dict:
-        return self.stages.get("export") or {}
+        return self.stages.get("export") or self.stages.get("import") or {}   # import: a run from an ONNX file
 
     @property
     def random_weights(self) -> bool:

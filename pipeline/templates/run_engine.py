@@ -4,8 +4,9 @@ folder or a TensorRT engine folder / .plan file.
 
     python run_engine.py MODEL_PATH IMAGE... [--topk 5] [--json]
 
-Needs only numpy, pillow and the runtime of the model you pass (onnxruntime, openvino or
-tensorrt, imported when needed); it does not need rexport or torch. Images are preprocessed
+Needs only numpy, pillow and the runtime of the model you pass (onnxruntime, openvino, or tensorrt
+with polygraphy's CUDA wrapper through trt_engine.py beside this file; imported when needed); it does
+not need rexport or torch. Images are preprocessed
 exactly as rexport does (rexport/core/preprocess.py) using preprocess.json: shorter side resized
 with PIL, centre crop, /255, mean/std per channel, NCHW float32; any image mode (16-bit grey,
 palette, CMYK, RGBA...) is converted to 8-bit RGB first.
@@ -15,10 +16,7 @@ Written by 'rexport bundle'; keep in step with rexport/core/preprocess.py.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import glob
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -130,130 +128,33 @@ class OpenVINOModel:
         return np.asarray(self.request.infer({0: x})[self.output], dtype=np.float32)
 
 
-class _CudaRuntime:
-    """The few CUDA runtime calls a TensorRT engine needs, through ctypes (no pycuda/cuda-python)."""
-
-    H2D, D2H = 1, 2
-
-    def __init__(self) -> None:
-        candidates = ["libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0"]
-        for root in sys.path:   # pip's nvidia-cuda-runtime wheel, pulled in by the tensorrt wheel
-            candidates += sorted(glob.glob(os.path.join(root, "nvidia", "cu*", "lib", "libcudart.so*")))
-            candidates += sorted(glob.glob(os.path.join(root, "nvidia", "cuda_runtime", "lib", "libcudart.so*")))
-        candidates += sorted(glob.glob("/usr/local/cuda*/lib64/libcudart.so*"))
-        for name in candidates:
-            try:
-                self.lib = ctypes.CDLL(name)
-                break
-            except OSError:
-                continue
-        else:
-            raise UsageError("libcudart (the CUDA runtime) was not found; install CUDA or the tensorrt wheel")
-        self.lib.cudaMalloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
-        self.lib.cudaMemcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        self.lib.cudaFree.argtypes = [ctypes.c_void_p]
-        self.lib.cudaStreamCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
-        self.lib.cudaStreamSynchronize.argtypes = [ctypes.c_void_p]
-
-    def check(self, rc: int, what: str) -> None:
-        if rc != 0:
-            raise RuntimeError(f"CUDA error {rc} in {what}")
-
-    def malloc(self, nbytes: int) -> int:
-        p = ctypes.c_void_p()
-        self.check(self.lib.cudaMalloc(ctypes.byref(p), max(int(nbytes), 1)), "cudaMalloc")
-        return p.value
-
-    def copy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
-        self.check(self.lib.cudaMemcpy(ctypes.c_void_p(dst), ctypes.c_void_p(src), nbytes, kind), "cudaMemcpy")
-
-    def stream(self) -> int:
-        s = ctypes.c_void_p()
-        self.check(self.lib.cudaStreamCreate(ctypes.byref(s)), "cudaStreamCreate")
-        return s.value or 0
-
-    def sync(self, stream: int) -> None:
-        self.check(self.lib.cudaStreamSynchronize(ctypes.c_void_p(stream)), "cudaStreamSynchronize")
-
-    def free(self, p: int) -> None:
-        self.lib.cudaFree(ctypes.c_void_p(p))
-
-
 class TensorRTModel:
-    """A TensorRT plan with the name-based I/O API (TensorRT 8.5 and later, the only one in 10/11)."""
+    """A TensorRT plan through trt_engine.EngineRunner (beside this file: the same module rexport uses)."""
 
     def __init__(self, plan: Path, sidecar: dict | None) -> None:
+        sys.path.insert(0, str(HERE))
         try:
-            import tensorrt as trt
-        except ImportError:
-            raise UsageError("tensorrt is not installed (JetPack: apt install python3-libnvinfer; "
-                             "x86: pip install tensorrt)") from None
-        problems = tensorrt_mismatch(sidecar, trt.__version__) if sidecar else []
-        if problems:
-            raise UsageError("; ".join(problems) + "; rebuild the engine on this device (python build_engine.py)")
-        self.trt = trt
-        self.cuda = _CudaRuntime()
-        logger = trt.Logger(trt.Logger.WARNING)
-        trt.init_libnvinfer_plugins(logger, "")
-        self.runtime = trt.Runtime(logger)
-        if hasattr(self.runtime, "engine_host_code_allowed"):
-            self.runtime.engine_host_code_allowed = True    # version-compatible plans embed a lean runtime (8.6+)
-        self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
-        if self.engine is None:
-            raise UsageError(f"TensorRT {trt.__version__} cannot deserialize {plan} (built for another TensorRT "
-                             "version or GPU?); rebuild it on this device")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-        self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        self.min_batch = int(self.engine.get_tensor_profile_shape(self.input, 0)[0][0]) \
-            if hasattr(self.engine, "get_tensor_profile_shape") else 1
-        self.stream = self.cuda.stream()
+            import trt_engine
+        except ImportError:     # run from rexport's source tree instead of a bundle
+            from rexport.pipeline.backends import trt_engine
+        try:
+            trt = trt_engine.import_tensorrt()
+            if sidecar:
+                device = trt_engine.cuda_device()
+                here = {"tensorrt": trt.__version__, "gpu": device["name"],
+                        "compute_capability": device["compute_capability"]}
+                problems = trt_engine.compat_problems(sidecar, here)
+                if problems:
+                    raise UsageError("; ".join(problems))
+            graphs = bool(((sidecar or {}).get("load_settings") or {}).get("cuda_graphs"))
+            self.runner = trt_engine.EngineRunner(plan.read_bytes(), cuda_graphs=graphs).__enter__()
+        except trt_engine.TrtError as e:
+            raise UsageError(f"{e}" + (f" ({e.hint})" if e.hint else "")) from None
+        self.min_batch = self.runner.min_batch
         self.description = f"tensorrt {trt.__version__}"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        trt, cuda = self.trt, self.cuda
-        x = np.ascontiguousarray(x, dtype=trt.nptype(self.engine.get_tensor_dtype(self.input)))
-        self.context.set_input_shape(self.input, tuple(x.shape))
-        out = np.empty(tuple(self.context.get_tensor_shape(self.output)),
-                       dtype=trt.nptype(self.engine.get_tensor_dtype(self.output)))
-        d_in, d_out = cuda.malloc(x.nbytes), cuda.malloc(out.nbytes)
-        try:
-            cuda.copy(d_in, x.ctypes.data, x.nbytes, cuda.H2D)
-            self.context.set_tensor_address(self.input, d_in)
-            self.context.set_tensor_address(self.output, d_out)
-            if not self.context.execute_async_v3(self.stream):
-                raise RuntimeError("TensorRT execution failed")
-            cuda.sync(self.stream)
-            cuda.copy(out.ctypes.data, d_out, out.nbytes, cuda.D2H)
-        finally:
-            cuda.free(d_in)
-            cuda.free(d_out)
-        return out.astype(np.float32)
-
-
-def _version(v) -> tuple:
-    out = []
-    for part in str(v or "").split("."):
-        if not part.isdigit():
-            break
-        out.append(int(part))
-    return tuple(out)
-
-
-def tensorrt_mismatch(sidecar: dict, here: str) -> list[str]:
-    """Why a plan recorded in ``sidecar`` will not deserialize with TensorRT ``here`` (same rule as
-    rexport's trt_compat_problems): exact version, unless built version-compatible (8.6+) for a newer one."""
-    built = (sidecar.get("runtime") or {}).get("tensorrt")
-    if not built:
-        return []
-    b, h = _version(built), _version(here)
-    n = min(len(b), len(h))
-    if n and b[:n] == h[:n]:
-        return []
-    if (sidecar.get("build_settings") or {}).get("version_compatible") and b >= (8, 6) and h >= b:
-        return []
-    return [f"the plan was built with TensorRT {built}, this device has TensorRT {here}"]
+        return self.runner.infer(x)
 
 
 # -- model discovery ------------------------------------------------------------------------------

@@ -19,10 +19,16 @@ from rexport.core.errors import RexportError
 @click.option("-v", "--verbose", is_flag=True, help="Say more.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or stage lines.")
+@click.option("--progress", "progress", type=click.Choice(["auto", "bar", "plain", "none"]), default="auto",
+              show_default=True, help="Progress of long work: a live bar, one line per 10% (logs, CI), or none; "
+                                      "auto: a bar on a terminal, plain lines otherwise.")
 @click.version_option(package_name="rexport")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, verbose: bool, as_json: bool, quiet: bool) -> None:
+def cli(ctx: click.Context, debug: bool, verbose: bool, as_json: bool, quiet: bool, progress: str) -> None:
     """rexport: a ResNet classifier from PyTorch to a validated, measured inference engine."""
+    from rexport.core.progress import set_mode
+
+    set_mode("none" if quiet or as_json else progress)
     ctx.obj = Ctx(debug, verbose, as_json, quiet)
 
 
@@ -44,8 +50,13 @@ COMMANDS = [
 def _register() -> None:
     import importlib
 
+    from rexport.cli.config import config_option
+
     for module, name in COMMANDS:
-        cli.add_command(getattr(importlib.import_module(f"rexport.cli.{module}"), name))
+        command = getattr(importlib.import_module(f"rexport.cli.{module}"), name)
+        if not any(p.name == "config" for p in command.params):
+            command.params.insert(0, config_option())  # --config FILE on every command
+        cli.add_command(command)
 
 
 _register()
@@ -72,17 +83,35 @@ def main() -> None:
     except RexportError as e:
         if debug:
             traceback.print_exc()
+        _log_failure(f"error: {e}")
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
+        _log_failure("interrupted")
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as e:  # an unexpected failure: one line, traceback only with --debug
+    except Exception as e:  # an unexpected failure: one line here, the traceback in run.log (and with --debug)
         if debug:
             traceback.print_exc()
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        click.echo(f"error: {type(e).__name__}: {first} (run with --debug for the traceback)", err=True)
+        where = _log_failure(f"error: {type(e).__name__}: {first}\n{traceback.format_exc().rstrip()}")
+        see = f"the traceback is in {where}" if where else "run with --debug for the traceback"
+        click.echo(f"error: {type(e).__name__}: {first} ({see})", err=True)
         sys.exit(1)
+
+
+def _log_failure(text: str) -> str | None:
+    """Append a failure (with its traceback) to the run's run.log, so a bug report carries it."""
+    from rexport.cli import common
+
+    run = common.current_run
+    if run is None:
+        return None
+    try:
+        run.log(text)
+    except OSError:
+        return None
+    return str(run.file("run.log"))
 
 
 if __name__ == "__main__":

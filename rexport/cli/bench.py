@@ -5,31 +5,25 @@ import json
 
 import click
 
-from rexport.cli.common import Ctx, csv_list, open_run, log_command, out_option
+from rexport.cli.common import Ctx, open_run, log_command, out_option
+from rexport.cli.options import settings_from_kwargs, settings_options
+from rexport.pipeline.bench import BenchSettings
 
 
 @click.command()
-@click.option("--backends", callback=csv_list(str), default=None, help="Filter: pytorch,onnxruntime,openvino,tensorrt.")
-@click.option("--precisions", callback=csv_list(str), default=None, help="Filter: fp32,fp16,bf16,int8.")
-@click.option("--batch-sizes", callback=csv_list(int), default="1,8", show_default=True)
-@click.option("--warmup", type=int, default=5, show_default=True)
-@click.option("--min-time", type=float, default=1.0, show_default=True, help="Seconds of timed runs per row, at least.")
-@click.option("--threads", type=int, default=None)
+@settings_options(BenchSettings)
 @out_option
 @click.pass_obj
-def bench(c: Ctx, backends, precisions, batch_sizes, warmup, min_time, threads, out):
+def bench(c: Ctx, out, **kwargs):
     """Latency (p50/p90/p99, mean, std) and throughput per variant x batch size."""
-    from rexport.pipeline.bench import BenchSettings
-    from rexport.pipeline.run import _artifact_inputs, _bench_action, _bench_record
+    from rexport.pipeline.bench import run_bench_stage
 
-    settings = BenchSettings(backends=backends, precisions=precisions, batch_sizes=batch_sizes, warmup=warmup,
-                             min_time=min_time, threads=threads)
+    settings = settings_from_kwargs(BenchSettings, kwargs)
     run = open_run(out)
     run.require_export()
     with run.locked():
         log_command(run)
-        rec = run.run_stage("bench", inputs=_artifact_inputs(run), settings=_bench_record(settings),
-                            action=lambda: _bench_action(run, settings, not (c.quiet or c.json)), force=True)
+        rec = run_bench_stage(run, settings, progress=not (c.quiet or c.json), force=True)
     c.stage("bench", rec)
     results = json.loads(run.file("bench/results.json").read_text())
     for r in results["rows"]:

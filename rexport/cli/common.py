@@ -53,7 +53,13 @@ def open_run(out: str | None, model: str = "resnet18", *, must_exist: bool = Tru
     return run
 
 
+#: the run directory the current command writes to: main() logs a failure's traceback to its run.log
+current_run = None
+
+
 def log_command(run) -> None:
+    global current_run
+    current_run = run
     run.log("$ rexport " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
 
 

@@ -28,7 +28,7 @@ class ListType(click.ParamType):
             self.fail(f"takes {self.length} comma-separated values, got {len(out)}", param, ctx)
         return out
 
-    def get_metavar(self, param, *args):  # click 8.1 and 8.2 signatures
+    def get_metavar(self, param, *args, **kwargs):  # click 8.1 and 8.2 signatures
         return f"{self.item.__name__.upper()}[,...]" if self.length is None else ",".join(["X"] * self.length)
 
 
@@ -51,6 +51,8 @@ def make_option(spec: SettingSpec, name: str, param: str, *, aliases: Iterable[s
         return click.Option(decls, is_flag=True, default=bool(spec.default), show_default=bool(spec.default), **kw)
     if spec.multiple or spec.kind == "dict":
         return click.Option(decls, multiple=True, default=None, **kw)
+    if spec.flag_value is not None:  # --ray alone, or --ray ADDRESS
+        return click.Option(decls, is_flag=False, flag_value=spec.flag_value, default=None, **kw)
     if spec.parse is not None:
         kind = click.STRING
     elif spec.choices:
@@ -111,27 +113,25 @@ def _required(cls, field: str) -> bool:
 # -- rexport run: every stage's options ---------------------------------------------------------
 
 def run_names(stages) -> dict[tuple[str, str], str]:
-    """(stage, field) -> option name on ``run``. ``stages`` is pipeline.run.RUN_STAGES: (stage, class,
-    prefix); the first entries ("run", "export") keep bare names, later stages prefix a shared name."""
-    seen: dict[str, list[tuple[str, str]]] = {}
-    for stage, cls, _ in stages:
+    """(stage, field) -> option name on ``run``. ``stages`` is pipeline.run.run_stages(): (stage, class,
+    prefix, prefix_all). An explicit ``setting(run=...)`` wins; else the stage command's name, prefixed
+    (once) when the stage prefixes all its fields or another stage uses the same name; the first two
+    stages (run's own options, export) keep bare names."""
+    count: dict[str, int] = {}
+    for stage, cls, *_ in stages:
         for spec in setting_specs(cls):
             if spec.cli and spec.run is not False:
-                seen.setdefault(spec.run or spec.cli, []).append((stage, spec.field))
-    bare_first = {stages[0][0], stages[1][0]}
-    prefix = {stage: p for stage, _, p in stages}
+                count[spec.cli] = count.get(spec.cli, 0) + 1
+    bare = {stages[0][0], stages[1][0]}
     out = {}
-    for stage, cls, _ in stages:
+    for stage, cls, prefix, prefix_all in stages:
         for spec in setting_specs(cls):
             if not spec.cli or spec.run is False:
                 continue
-            if isinstance(spec.run, str):
-                out[(stage, spec.field)] = spec.run
-                continue
-            owners = seen[spec.cli]
-            shared = len(owners) > 1
-            keep = not shared or (stage in bare_first and owners[0][0] == stage)
-            out[(stage, spec.field)] = spec.cli if keep else f"{prefix[stage]}-{spec.cli}"
+            name = spec.run if isinstance(spec.run, str) else spec.cli
+            if not isinstance(spec.run, str) and stage not in bare and (prefix_all or count[spec.cli] > 1):
+                name = name if name.startswith(prefix + "-") else f"{prefix}-{name}"
+            out[(stage, spec.field)] = name
     taken: dict[str, tuple[str, str]] = {}
     for key, name in out.items():
         if name in taken:
@@ -145,7 +145,7 @@ def run_options(stages):
     names = run_names(stages)
 
     def deco(f):
-        for stage, cls, _ in reversed(stages):
+        for stage, cls, *_ in reversed(stages):
             for spec in reversed(setting_specs(cls)):
                 name = names.get((stage, spec.field))
                 if name:
@@ -158,8 +158,8 @@ def run_options(stages):
 def run_values(stages, kwargs: dict) -> dict[str, dict]:
     """stage -> {field: value} from ``run``'s kwargs (popped); fields left at None are omitted."""
     names = run_names(stages)
-    out: dict[str, dict] = {stage: {} for stage, _, _ in stages}
-    for stage, cls, _ in stages:
+    out: dict[str, dict] = {stage: {} for stage, *_ in stages}
+    for stage, cls, *_ in stages:
         for spec in setting_specs(cls):
             name = names.get((stage, spec.field))
             if name is None:

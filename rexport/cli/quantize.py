@@ -5,35 +5,22 @@ from __future__ import annotations
 import click
 
 from rexport.cli.common import Ctx, open_run, log_command, out_option
+from rexport.cli.options import settings_from_kwargs, settings_options
+from rexport.pipeline.quantize import QuantizeSettings
 
 
 @click.command()
-@click.option("--precision", type=click.Choice(["fp16", "int8"]), required=True)
-@click.option("--calib-data", default="synthetic", show_default=True,
-              help="Image folder, .npy/.npz of preprocessed arrays, or 'synthetic'.")
-@click.option("--calib-samples", type=int, default=512, show_default=True)
-@click.option("--calib-method", type=click.Choice(["entropy", "minmax", "percentile"]), default="entropy",
-              show_default=True)
-@click.option("--calib-batch-size", type=int, default=8, show_default=True)
-@click.option("--exclude", multiple=True, help="Node name to leave in float (repeatable).")
-@click.option("--skip-first-conv", is_flag=True, help="Leave the stem convolution in float.")
-@click.option("--skip-classifier", is_flag=True, help="Leave the final fully connected layer in float.")
-@click.option("--residual-qdq", type=click.Choice(["both", "residual"]), default="both", show_default=True,
-              help="Q/DQ on both inputs of each residual Add (OpenVINO fuses Conv+Add), or on the residual "
-                   "input only (TensorRT's recommended placement).")
+@settings_options(QuantizeSettings)
 @click.option("--quiet", "no_progress", is_flag=True, help="No progress bars.")
 @click.option("--force", is_flag=True)
 @out_option
 @click.pass_obj
-def quantize(c: Ctx, precision, calib_data, calib_samples, calib_method, calib_batch_size, exclude,
-             skip_first_conv, skip_classifier, residual_qdq, no_progress, force, out):
+def quantize(c: Ctx, no_progress, force, out, **kwargs):
     """FP16 (mixed precision) or INT8 (explicit Q/DQ from our calibration) ONNX variants."""
-    from rexport.pipeline.quantize import QuantizeSettings, run_quantize
+    from rexport.pipeline.quantize import run_quantize
 
-    settings = QuantizeSettings(precision=precision, calib_data=calib_data, calib_samples=calib_samples,
-                                calib_method=calib_method, calib_batch_size=calib_batch_size, exclude=exclude,
-                                skip_first_conv=skip_first_conv, skip_classifier=skip_classifier,
-                                residual_add=residual_qdq)
+    settings = settings_from_kwargs(QuantizeSettings, kwargs)
+    precision = settings.precision
     run = open_run(out)
     with run.locked():
         log_command(run)

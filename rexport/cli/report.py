@@ -13,13 +13,13 @@ from rexport.cli.common import Ctx, open_run, log_command, out_option
 @click.pass_obj
 def report(c: Ctx, out):
     """Write report/report.{json,md,html} from the manifest and the stage results."""
-    from rexport.pipeline.run import _report_action
+    from rexport.pipeline.report import run_report_stage
 
     run = open_run(out)
     run.require_export()
     with run.locked():
         log_command(run)
-        rec = run.run_stage("report", inputs={}, settings={}, action=lambda: _report_action(run), force=True)
+        rec = run_report_stage(run)
     c.stage("report", rec)
     c.line(f"report: {run.file('report/report.html')}")
     c.emit(json.loads(run.file("report/report.json").read_text()))

@@ -22,7 +22,7 @@ def flat_settings(effective: dict[str, dict]) -> dict[str, object]:
     """{run option name: value} from RunSettings.effective(): what --print-config writes."""
     names = run_names(STAGES)
     out = {}
-    for stage, cls, _ in STAGES:
+    for stage, cls, *_ in STAGES:
         for spec in setting_specs(cls):
             name = names.get((stage, spec.field))
             if name is None or spec.field not in effective.get(stage, {}):

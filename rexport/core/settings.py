@@ -17,7 +17,7 @@ _KEY = "rexport"
 def setting(default: Any = MISSING, *, help: str = "", cli: str | bool | None = None, run: str | bool | None = None,
             choices: tuple[str, ...] | None = None, parse: Callable[[Any], Any] | None = None,
             multiple: bool = False, metavar: str | None = None, aliases: tuple[str, ...] = (),
-            default_factory: Callable[[], Any] | Any = MISSING) -> Any:
+            flag_value: Any = None, default_factory: Callable[[], Any] | Any = MISSING) -> Any:
     """A dataclass field with its command-line description.
 
     cli:  the long option name on the stage command (default: the field name with '-'); False hides it.
@@ -26,9 +26,11 @@ def setting(default: Any = MISSING, *, help: str = "", cli: str | bool | None = 
     parse: str (or list, from a config file) -> field value, for types the annotation cannot say.
     multiple: the option may be repeated (``--tol a=1 --tol b=2``); parse then gets the tuple.
     aliases: extra names accepted on ``run`` (old spellings).
+    flag_value: the option's value may be left out (``--ray`` alone gives flag_value, ``--ray ADDR`` ADDR).
     """
     meta = {_KEY: {"help": help, "cli": cli, "run": run, "choices": choices, "parse": parse,
-                   "multiple": multiple, "metavar": metavar, "aliases": tuple(aliases)}}
+                   "multiple": multiple, "metavar": metavar, "aliases": tuple(aliases),
+                   "flag_value": flag_value}}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -53,6 +55,7 @@ class SettingSpec:
     multiple: bool
     metavar: str | None
     aliases: tuple[str, ...]
+    flag_value: Any = None
 
 
 def _kind(tp) -> tuple[str, type | None, int | None, bool]:
@@ -94,7 +97,7 @@ def setting_specs(cls) -> list[SettingSpec]:
                                optional=optional or default is None, required=required, default=default,
                                help=m.get("help", ""), choices=m.get("choices"), parse=m.get("parse"),
                                multiple=bool(m.get("multiple")), metavar=m.get("metavar"),
-                               aliases=tuple(m.get("aliases") or ())))
+                               aliases=tuple(m.get("aliases") or ()), flag_value=m.get("flag_value")))
     return out
 
 

@@ -112,6 +112,22 @@ def test_results_file_is_written_and_matches(run, results):
     assert results["input"]["shape_per_sample"] == [3, SIZE, SIZE]
 
 
+def test_machine_and_share_of_measured_peak(run, results):
+    from rexport.core.machine import cpu_identity
+    from rexport.pipeline.model_ops import macs_per_image
+
+    m = results["machine"]
+    assert m["cpu"] == json.loads(json.dumps(cpu_identity())) and m["cpu"]["family"] is not None
+    assert m["peaks"]["fp32_gflops"] > 0 and m["peaks"]["int8_gops"] > 0
+    assert m["ops_per_image"] == 2 * macs_per_image(run.file("onnx/model.fp32.onnx"))
+    for r in results["rows"]:
+        if r["status"] != "ok":
+            assert r["percent_of_peak"] is None
+            continue
+        peak = m["peaks"]["int8_gops"] if r["precision"] == "int8" else m["peaks"]["fp32_gflops"]
+        assert r["percent_of_peak"] == pytest.approx(100 * m["ops_per_image"] * r["images_per_s"] / (peak * 1e9))
+
+
 def test_rows_cover_every_variant_and_batch(run, results):
     rows = _by(results)
     ok = [k for k, r in rows.items() if r["status"] == "ok"]

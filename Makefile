@@ -25,9 +25,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
+# CONFIG=run.toml: the run's settings from a file (rexport run --print-config writes one); then only the
+# variables given on make's command line (or in the environment) override it, as flags do.
+CONFIG ?=
+given = $(or $(if $(CONFIG),,yes),$(filter command line environment,$(origin $(1))))
+flag = $(if $(call given,$(1)),$(2))
+
 engine: install
-	$(BIN)/rexport run --model $(MODEL) --out $(OUT) --calib-data $(CALIB) --precisions $(PRECISIONS) \
-	  --backend $(BACKEND) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(VAL),--val-data $(VAL)) $(ARGS)
+	$(BIN)/rexport run $(if $(CONFIG),--config $(CONFIG)) $(call flag,MODEL,--model $(MODEL)) \
+	  $(call flag,OUT,--out $(OUT)) $(call flag,CALIB,--calib-data $(CALIB)) \
+	  $(call flag,PRECISIONS,--precisions $(PRECISIONS)) $(call flag,BACKEND,--backend $(BACKEND)) \
+	  $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(VAL),--val-data $(VAL)) $(ARGS)
 
 demo: install
 	$(BIN)/python -m rexport.demo --out artifacts/demo

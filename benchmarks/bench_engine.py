@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    from rexport.core.machine import machine_fingerprint
+
+    machine = machine_fingerprint()  # before the runs: the probe's own seconds are not part of them
     env_cmd = [sys.executable, "-m", "rexport", "run", "--model", args.model, "--calib-samples", "512"]
     with tempfile.TemporaryDirectory(prefix="rexport-bench-") as tmp:
         run_dir = Path(tmp) / args.model
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "engine_run",
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "rexport run --model %s --calib-samples 512 (what make engine runs)" % args.model,
-        "machine": {"cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg()},
+        "machine": machine,
+        "load_average": {"before": load_before, "after": os.getloadavg(), "cpus": os.cpu_count()},
         "targets": TARGETS,
         "fresh": {k: fresh[k] for k in ("rc", "seconds", "peak_rss_bytes")},
         "rerun": {k: rerun[k] for k in ("rc", "seconds", "peak_rss_bytes")},

@@ -22,16 +22,23 @@ from rexport.core.fsio import atomic_write_json, sha256_file, sha256_json
 from rexport.core.preprocess import PreprocessSpec
 
 from rexport.calibration.readers import CalibrationReader, open_reader
-from rexport.calibration.statistics import INT8_LEVELS, METHODS, collect, compute_ranges
+from rexport.calibration.choice import CRITERION, METHODS, SINGLE_METHODS, choose_ranges, compute_ranges
+from rexport.calibration.ranges import INT8_LEVELS
+from rexport.calibration.statistics import ActivationStatistics, collect
+from rexport.calibration.stats_cache import load_statistics, save_statistics, statistics_key
 from rexport.calibration.tensorrt_cache import (DEFAULT_VERSION, algorithm_for, read_tensorrt_cache_header,
                                                 read_tensorrt_scales, scale_hex, write_tensorrt_cache)
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: entropy leaves exact zeros out; bumping it changes every key
+# 2: entropy leaves exact zeros out; 3: activations at ONNX Runtime's default optimization level (the
+# FP32 reference's own numerics; ranges move by a few ulps, entropy's by at most a bin), per-tensor choices.
+# Bumping it changes every key.
+FORMAT_VERSION = 3
 _REQUIRED = {"format": int, "key": str, "fp32_onnx_sha256": str, "data_fingerprint": str, "data_description": str,
              "synthetic": bool, "settings": dict, "ranges": dict, "minmax": dict, "samples": int, "created": str,
-             "seconds": (int, float), "content_sha256": str}
+             "seconds": (int, float), "content_sha256": str, "choices": dict, "choice_criterion": str,
+             "statistics_reused": bool}
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,7 @@ class CalibrationSettings:
     """How to calibrate. ``samples``, ``batch_size`` and ``seed`` are also what the reader is opened
     with (see ``open_reader_for``); calibration uses at most ``samples`` of what the reader yields."""
 
-    method: str = "entropy"  # entropy | minmax | percentile
+    method: str = "entropy"  # entropy | minmax | percentile | mse | auto (a method per tensor)
     samples: int = 512
     batch_size: int = 8
     percentile: float = 99.99
@@ -58,10 +65,10 @@ class CalibrationSettings:
                              "pass --calib-samples and --calib-batch-size >= 1")
         if not isinstance(self.percentile, (int, float)) or not 0.0 < float(self.percentile) <= 100.0:
             raise InputError(f"calibration percentile must be in (0, 100], got {self.percentile!r}",
-                             "e.g. --percentile 99.99")
+                             "pass --percentile in (0, 100], e.g. 99.99")
         if self.num_bins < 2 * INT8_LEVELS:
             raise InputError(f"calibration histograms need at least {2 * INT8_LEVELS} bins, got {self.num_bins}",
-                             "use the default 2048")
+                             f"pass --num-bins {2 * INT8_LEVELS} or more (default 2048)")
         if self.seed < 0:
             raise InputError(f"calibration seed must be >= 0, got {self.seed}")
 
@@ -83,6 +90,8 @@ class CalibrationResult:
     samples: int
     seconds: float  # wall time of this call (small when reused)
     minmax: dict[str, tuple[float, float]] = field(default_factory=dict)
+    choices: dict[str, str] = field(default_factory=dict)  # tensor -> method chosen (method "auto" only)
+    statistics_reused: bool = False  # computed from cached statistics: no pass over the data
 
 
 def calibration_key(fp32_onnx_sha256: str, data_fingerprint: str, settings: CalibrationSettings) -> str:
@@ -138,6 +147,10 @@ def load_calibration(json_path: str | os.PathLike) -> dict:
         if (not isinstance(mm, list) or len(mm) != 2 or not all(isinstance(v, (int, float)) for v in mm)
                 or not mm[0] <= mm[1]):
             raise InputError(f"calibration file {path}: tensor {name!r} has invalid min/max {mm!r}", bad)
+    for name, choice in doc["choices"].items():
+        if (name not in ranges or not isinstance(choice, dict) or choice.get("method") not in SINGLE_METHODS
+                or choice.get("amax") != ranges[name]):
+            raise InputError(f"calibration file {path}: tensor {name!r} has an invalid per-tensor choice", bad)
     return doc
 
 
@@ -156,15 +169,17 @@ def _result(doc: dict, json_path: Path, trt_path: Path, reused: bool, seconds: f
     return CalibrationResult(key=doc["key"], ranges=dict(doc["ranges"]), json_path=json_path,
                              tensorrt_cache_path=trt_path, reused=reused, data_description=doc["data_description"],
                              synthetic=doc["synthetic"], samples=doc["samples"], seconds=seconds,
-                             minmax={k: (float(v[0]), float(v[1])) for k, v in doc["minmax"].items()})
+                             minmax={k: (float(v[0]), float(v[1])) for k, v in doc["minmax"].items()},
+                             choices={k: v["method"] for k, v in doc["choices"].items()})
 
 
 def calibrate(fp32_onnx: str | os.PathLike, reader: CalibrationReader, settings: CalibrationSettings,
               cache_dir: str | os.PathLike, *, progress: bool = True,
-              tensorrt_version: int = DEFAULT_VERSION) -> CalibrationResult:
+              tensorrt_version: int = DEFAULT_VERSION, force: bool = False) -> CalibrationResult:
     """Activation ranges of ``fp32_onnx`` on ``reader``'s data, from ``cache_dir`` when the same model,
-    data and settings were calibrated before (verified, not trusted), else computed and cached.
-    Nothing is written unless calibration succeeds."""
+    data and settings were calibrated before (verified, not trusted), else computed and cached; from
+    cached statistics (no pass over the data) when only the method or percentile changed. ``force``
+    recomputes everything. Nothing is written unless calibration succeeds."""
     start = time.perf_counter()
     fp32_onnx, cache_dir = Path(fp32_onnx), Path(cache_dir)
     if not fp32_onnx.is_file():
@@ -175,7 +190,7 @@ def calibrate(fp32_onnx: str | os.PathLike, reader: CalibrationReader, settings:
     json_path, trt_path = cache_dir / f"{key}.json", cache_dir / f"{key}.tensorrt.cache"
     algorithm = algorithm_for(settings.method)
 
-    if json_path.exists():
+    if json_path.exists() and not force:
         try:
             doc = load_calibration(json_path)
             expected = (key, model_sha, fingerprint, settings.to_dict())
@@ -191,9 +206,19 @@ def calibrate(fp32_onnx: str | os.PathLike, reader: CalibrationReader, settings:
 
     if reader.synthetic:
         log.warning("calibrating on synthetic data: INT8 ranges will not represent real images")
-    stats = collect(fp32_onnx, reader, histograms=settings.method != "minmax", num_bins=settings.num_bins,
-                    max_samples=settings.samples, progress=progress)
-    ranges = compute_ranges(stats, settings.method, percentile=settings.percentile)
+    histograms = settings.method != "minmax"
+    stats_path = cache_dir / f"stats-{statistics_key(model_sha, fingerprint, settings)}.npz"
+    stats: ActivationStatistics | None = load_statistics(stats_path) if histograms and not force else None
+    statistics_reused = stats is not None
+    if stats is None:
+        stats = collect(fp32_onnx, reader, histograms=histograms, num_bins=settings.num_bins,
+                        max_samples=settings.samples, progress=progress)
+    if settings.method == "auto":
+        choices = choose_ranges(stats, percentile=settings.percentile)
+        ranges = {name: c.amax for name, c in choices.items()}
+    else:
+        choices = {}
+        ranges = compute_ranges(stats, settings.method, percentile=settings.percentile)
     seconds = time.perf_counter() - start
     doc = {
         "format": FORMAT_VERSION,
@@ -206,11 +231,18 @@ def calibrate(fp32_onnx: str | os.PathLike, reader: CalibrationReader, settings:
         "ranges": ranges,
         "minmax": {name: [st.min, st.max] for name, st in stats.tensors.items()},
         "samples": stats.samples,
+        "choices": {name: c.to_dict() for name, c in choices.items()},
+        "choice_criterion": CRITERION if choices else "",
+        "statistics_reused": statistics_reused,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
     }
     doc["content_sha256"] = _content_sha256(doc)
     write_tensorrt_cache(ranges, trt_path, algorithm=algorithm, version=tensorrt_version)
+    if histograms and not statistics_reused:  # any other histogram method on this data then needs no pass
+        save_statistics(stats_path, stats)
     atomic_write_json(json_path, doc)  # last: the JSON is what marks a calibration as complete
     log.info("calibrated %d tensors on %s in %.1f s -> %s", len(ranges), reader.description, seconds, json_path)
-    return _result(doc, json_path, trt_path, False, time.perf_counter() - start)
+    result = _result(doc, json_path, trt_path, False, time.perf_counter() - start)
+    result.statistics_reused = statistics_reused
+    return result

@@ -97,7 +97,7 @@ def fold(x: np.ndarray, lo: float, hi: float, hist: AbsHistogram, relu_hist: Abs
     ``x`` is overwritten only when ``owned`` and numba is missing. Raises NotFinite."""
     kernels = _kernels()
     flat = x.reshape(-1)
-    if kernels is not None:
+    if kernels is not None and flat.dtype == np.float32:
         scale = hist.scale_for(max(-lo, hi))
         relu_scale = relu_hist.scale_for(max(hi, 0.0)) if relu_hist is not None else None
         nb = hist.num_bins

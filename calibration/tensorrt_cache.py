@@ -102,6 +102,8 @@ def _parse(path: Path) -> tuple[int, str, dict[str, float]]:
 
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")   # weighted ops: what the per-layer intent is about
+# Ops a quantized value passes through unchanged in scale; TensorRT propagates DQ past them (explicit mode).
+SCALE_PRESERVING = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast")
 LAYERS_SUFFIX = ".layers.json"      # <key>.int8.tensorrt.cache -> <key>.int8.tensorrt.cache.layers.json
 
 
@@ -110,63 +112,86 @@ def _qdq_graph(qdq_onnx):
 
     graph = onnx.load(str(qdq_onnx), load_external_data=False).graph
     made_by = {o: n for n in graph.node for o in n.output}
-
-    def through_casts(name: str) -> str:
-        while name in made_by and made_by[name].op_type == "Cast":
-            name = made_by[name].input[0]
-        return name
-
-    return graph, made_by, through_casts
+    used_by: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input[:1]:
+            used_by.setdefault(i, []).append(n)
+    return graph, made_by, used_by
 
 
-def quantized_tensors(qdq_onnx: str | os.PathLike) -> list[str]:
-    """The activation tensors a Q/DQ ONNX file quantizes (inputs of its QuantizeLinear nodes that are not
-    weights), named as in the FP32 graph: through any Cast the FP16-float form puts before a Q."""
-    graph, _, through_casts = _qdq_graph(qdq_onnx)
+def _through_casts(name: str, made_by: dict) -> str:
+    while name in made_by and made_by[name].op_type == "Cast":
+        name = made_by[name].input[0]
+    return name
+
+
+def quantized_tensors(qdq_onnx: str | os.PathLike) -> dict[str, str]:
+    """The activation tensors a Q/DQ file quantizes, named as in the FP32 graph, each mapped to the tensor
+    whose scale it carries: a QuantizeLinear input (not a weight; through any Cast the FP16-float form adds)
+    carries its own, and the outputs of scale-preserving ops after its DequantizeLinear (MaxPool, Flatten...)
+    carry the same one, as TensorRT's explicit quantization propagates it."""
+    graph, made_by, used_by = _qdq_graph(qdq_onnx)
     weights = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    found: dict[str, None] = {}
-    for node in graph.node:
-        if node.op_type == "QuantizeLinear" and through_casts(node.input[0]) not in weights:
-            found[through_casts(node.input[0])] = None
-    return list(found)
+    carries: dict[str, str] = {}
+    for q in graph.node:
+        src = _through_casts(q.input[0], made_by) if q.op_type == "QuantizeLinear" else None
+        if src is None or src in weights:
+            continue
+        carries[src] = src
+        frontier = [o for dq in used_by.get(q.output[0], []) if dq.op_type == "DequantizeLinear" for o in dq.output]
+        while frontier:
+            for n in used_by.get(frontier.pop(), []):
+                if n.op_type in SCALE_PRESERVING:
+                    for out in n.output:
+                        if out not in carries:
+                            carries[out] = src
+                            frontier.append(out)
+    return carries
 
 
 def layer_intent(qdq_onnx: str | os.PathLike) -> dict:
     """What the file means per weighted node (named as in the FP32 graph and TensorRT's network): 'int8' when
-    its data input comes from a DequantizeLinear, else the file's float precision (fp16 when it has FP16 parts)."""
+    its data input and its weights come from a DequantizeLinear (through scale-preserving ops), else the
+    file's float precision (fp16 when it has FP16 parts)."""
     import onnx
 
-    graph, made_by, through_casts = _qdq_graph(qdq_onnx)
+    graph, made_by, _ = _qdq_graph(qdq_onnx)
     half = onnx.TensorProto.FLOAT16
     float_parts = "fp16" if any(i.data_type == half for i in graph.initializer) or any(
         n.op_type == "Cast" and any(a.name == "to" and a.i == half for a in n.attribute) for n in graph.node) else "fp32"
-    layers = {}
-    for node in graph.node:
-        if node.op_type in COMPUTE_OPS:
-            src = made_by.get(through_casts(node.input[0]))
-            layers[node.name] = "int8" if src is not None and src.op_type == "DequantizeLinear" else float_parts
+    def dequantized(name: str) -> bool:
+        src = made_by.get(name)
+        while src is not None and src.op_type in SCALE_PRESERVING:
+            src = made_by.get(src.input[0])
+        return src is not None and src.op_type == "DequantizeLinear"
+
+    # INT8 needs both the data and the weights dequantized (a DQ before a float-weight Gemm stays a DQ).
+    layers = {node.name: "int8" if len(node.input) > 1 and dequantized(node.input[0]) and dequantized(node.input[1])
+              else float_parts for node in graph.node if node.op_type in COMPUTE_OPS}
     return {"file": Path(qdq_onnx).name, "int8_float": float_parts, "layers": layers}
 
 
 def write_tensorrt_cache_for_file(full_cache: str | os.PathLike, qdq_onnx: str | os.PathLike,
                                   path: str | os.PathLike) -> dict:
-    """The calibration cache for one Q/DQ file: the lines of ``full_cache`` (every calibrated tensor) of the
-    tensors the file quantizes, verbatim, so TensorRT 8.x's weak-typed INT8 leaves the rest in float; and beside
-    it (``<path>.layers.json``) the file's per-layer intent, which the build pins float layers by (a tensor
-    shared by a quantized and a float consumer keeps its scale, so the cache alone cannot say that).
-    Returns what was kept and left out. A tensor the file quantizes without a range is an InputError."""
+    """The calibration cache for one Q/DQ file, so that TensorRT 8.x's weak-typed INT8 quantizes what the file
+    quantizes and nothing else: a line per tensor of ``quantized_tensors`` with the scale of ``full_cache`` (every
+    calibrated tensor) it carries; and beside it (``<path>.layers.json``) the file's per-layer intent, which the
+    build pins float layers by (a tensor shared by a quantized and a float consumer keeps its scale, so the
+    cache alone cannot say that). Returns what was kept and left out. A quantized tensor without a range is an
+    InputError."""
     version, algorithm, _ = _parse(Path(full_cache))
     lines = Path(full_cache).read_text(encoding="utf-8").splitlines()[1:]
-    by_name = {m.group(1): line for line in lines if (m := _LINE.match(line.rstrip()))}
-    wanted = quantized_tensors(qdq_onnx)
-    missing = [t for t in wanted if t not in by_name]
+    scale_of = {m.group(1): m.group(2) for line in lines if (m := _LINE.match(line.rstrip()))}
+    carries = quantized_tensors(qdq_onnx)
+    missing = sorted({src for src in carries.values() if src not in scale_of})
     if missing:
         raise InputError(f"{Path(qdq_onnx).name} quantizes {len(missing)} tensor(s) the calibration has no range "
                          f"for (first: {missing[0]!r})", "re-run 'rexport quantize --precision int8 --force'")
-    kept = set(wanted)
     path = Path(path)
+    layers_path = path.with_name(path.name + LAYERS_SUFFIX)
     intent = layer_intent(qdq_onnx)
-    atomic_write_json(path.with_name(path.name + LAYERS_SUFFIX), intent)
-    atomic_write_text(path, "\n".join([f"TRT-{version}-{algorithm}"] + [by_name[t] for t in wanted]) + "\n")
-    return {"path": path, "layers_path": path.with_name(path.name + LAYERS_SUFFIX), "kept": len(kept),
-            "left_out": [t for t in by_name if t not in kept], "int8_float": intent["int8_float"]}
+    atomic_write_json(layers_path, intent)
+    body = [f"{name}: {scale_of[src]}" for name, src in carries.items()]
+    atomic_write_text(path, "\n".join([f"TRT-{version}-{algorithm}", *body]) + "\n")
+    return {"path": path, "layers_path": layers_path, "kept": len(carries),
+            "left_out": [t for t in scale_of if t not in carries], "int8_float": intent["int8_float"]}

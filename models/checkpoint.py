@@ -42,7 +42,7 @@ class LoadedModel:
     num_classes: int
     weights_path: str | None  # None => seeded random init
     weights_sha256: str | None
-    random_init: bool
+    random_weights: bool
     seed: int | None
 
 
@@ -85,10 +85,15 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *, num_class
             model = build(num_classes=num_classes or default_classes)
         model.eval()
         return LoadedModel(model=model, name=name, num_classes=_classes(model, num_classes or default_classes),
-                           weights_path=None, weights_sha256=None, random_init=True, seed=seed)
+                           weights_path=None, weights_sha256=None, random_weights=True, seed=seed)
 
     path = Path(weights)
     state = load_state_dict(path, trust_checkpoint=trust_checkpoint)
+    own_classes = None
+    if head_key is None:  # a factory: its own last Linear is the head that tells the checkpoint's classes
+        from rexport.models.external import linear_head
+
+        head_key, own_classes = linear_head(build(num_classes=None))
     head = state.get(head_key) if head_key else None
     ckpt_classes = int(head.shape[0]) if isinstance(head, Tensor) and head.dim() == 2 else None
     if num_classes is None:
@@ -99,7 +104,7 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *, num_class
             f"but num_classes={num_classes} was asked for",
             f"leave --num-classes out to use the checkpoint's {ckpt_classes} classes") from None
 
-    model = build(num_classes=num_classes)
+    model = build(num_classes=None if num_classes == own_classes else num_classes)
     expected = model.state_dict()
     problems = _mismatches(state, expected)
     if problems:
@@ -115,7 +120,7 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *, num_class
         raise InputError(f"checkpoint {path} does not fit {name}: {first}", _FIT_HINT) from None
     model.eval()
     return LoadedModel(model=model, name=name, num_classes=_classes(model, num_classes),
-                       weights_path=os.path.abspath(path), weights_sha256=sha256_file(path), random_init=False,
+                       weights_path=os.path.abspath(path), weights_sha256=sha256_file(path), random_weights=False,
                        seed=None)
 
 

@@ -154,6 +154,15 @@ def _accepts(func: Callable, arg: str) -> bool:
     return arg in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def linear_head(model: nn.Module) -> tuple[str | None, int | None]:
+    """(state-dict key of the last Linear's weight, its out_features), or (None, None)."""
+    found: tuple[str | None, int | None] = (None, None)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            found = (f"{name}.weight" if name else "weight", m.out_features)
+    return found
+
+
 def output_classes(model: nn.Module) -> int | None:
     """The class count of a model whose last layer is a Linear (or 1x1 Conv) head, if it has one."""
     last = None

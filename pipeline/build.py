@@ -22,7 +22,8 @@ def engine_dir_name(backend: str, precision: str) -> str:
 
 
 def _source_hint(variant: str) -> str:
-    return "run 'rexport export' first" if variant == "fp32" else f"run 'rexport quantize --precision {variant}' first"
+    precision = variant.split("-", 1)[0]  # int8-openvino is made by quantize --precision int8
+    return "run 'rexport export' first" if variant == "fp32" else f"run 'rexport quantize --precision {precision}' first"
 
 
 def _calibration_cache(run: RunDir, b: Backend, precision: str) -> Path | None:
@@ -92,6 +93,9 @@ def build_engines(run: RunDir, *, backend: str = "auto", precisions: Sequence[st
         inputs = {"onnx": src}
         if cache is not None:
             inputs["calibration_cache"] = cache
+            intent = cache.with_name(cache.name + ".layers.json")    # the INT8 file's per-layer precisions
+            if intent.is_file():     # a changed float choice must rebuild a weak-typed INT8 engine
+                inputs["layer_intent"] = intent
         action = _build_action(run, b, p, src, settings, cache, progress)
         records.append({**run.run_stage(name, inputs=inputs, settings=stage_settings, action=action), "name": name})
     return records
@@ -110,5 +114,8 @@ def _build_action(run: RunDir, b: Backend, precision: str, src: Path, settings: 
         return StageOutcome(
             outputs=[f"engines/{folder}/{f}" for f in files],
             summary={"backend": b.name, "precision": precision, "engine_dir": f"engines/{folder}",
-                     "size_mb": round(size / 2**20, 2), "build_seconds": sidecar["build_seconds"]})
+                     # which file the engine was compiled from (int8 for TensorRT, int8-openvino for OpenVINO)
+                     "source_onnx": sidecar["source_onnx"]["file"],
+                     "source_variant": sidecar["source_onnx"]["variant"],
+                     "size_mib": round(size / 2**20, 2), "build_seconds": sidecar["build_seconds"]})
     return action

@@ -6,7 +6,7 @@ A bundle is a folder (or a .tar.gz of it) that runs without rexport or torch::
       bundle.json            what is inside: variants, sources, sha256 of every file
       README.txt             how to run it
       run_engine.py          standalone runner (numpy + pillow + the model's runtime)
-      trt_engine.py          the TensorRT module rexport itself uses (build, runner, version rules)
+      trt_engine/            the TensorRT package rexport itself uses (build, runner, version rules)
       preprocess.json        the PreprocessSpec the model was exported with
       labels.txt             class names, when the run has them
       models/model.<v>.onnx  ONNX variants (ONNX Runtime anywhere; TensorRT/OpenVINO can rebuild from them)
@@ -15,8 +15,8 @@ A bundle is a folder (or a .tar.gz of it) that runs without rexport or torch::
 
 Default variants: every engine in the run, plus ``fp32`` (the reference that runs anywhere) and
 ``int8`` (the one calibrated file both TensorRT and OpenVINO compile) when quantized. With
-``build_on_device`` every ONNX variant is included, since which one TensorRT compiles depends on
-the TensorRT version found on the device.
+``build_on_device`` every ONNX variant meant for TensorRT is included (not ``int8-openvino``),
+since which one TensorRT compiles depends on the TensorRT version found on the device.
 
 ``format`` other than ``folder`` writes a server's own layout instead (Triton model repository,
 DeepStream nvinfer configs, OpenVINO Model Server): see ``rexport.pipeline.deploy``.
@@ -38,13 +38,13 @@ from rexport.core.fsio import atomic_dir, atomic_path, sha256_file
 from rexport.core.preprocess import PreprocessSpec
 from rexport.core.settings import setting
 from rexport.pipeline.backends.sidecar import SIDECAR_NAME, read_sidecar, verify_engine_files
-from rexport.pipeline.deploy import FORMATS, check_variants, get_format, refusal, writer
+from rexport.pipeline.deploy import FORMATS, check_variants, get_format, refusal, tensorrt_compiles, writer
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir
 from rexport.pipeline.variants import engine_dirs
 
 BUNDLE_SCHEMA = 1
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-TRT_ENGINE = Path(__file__).resolve().parent / "backends" / "trt_engine.py"   # shipped verbatim: the scripts import it
+TRT_ENGINE = Path(__file__).resolve().parent / "backends" / "trt_engine"   # package shipped verbatim: the scripts import it
 DEFAULT_ONNX = ("fp32", "int8")
 
 
@@ -117,7 +117,7 @@ def make_bundle(run: RunDir, *, variants: Sequence[str] | None = None, dest: Pat
     onnx = [v for v in chosen if v in VARIANT_FILES]
     cache = None
     if build_on_device:
-        onnx = list(dict.fromkeys(onnx + run.variants()))
+        onnx = list(dict.fromkeys(onnx + [v for v in run.variants() if tensorrt_compiles(v)]))
         if "int8" in onnx:
             cache = _tensorrt_cache(run)
 
@@ -168,13 +168,16 @@ def _write_bundle(root: Path, run: RunDir, onnx: list[str], sidecars: dict, engi
     if spec.labels:
         (root / "labels.txt").write_text("".join(f"{label}\n" for label in spec.labels), encoding="utf-8")
     _copy(TEMPLATES / "run_engine.py", root / "run_engine.py")
-    _copy(TRT_ENGINE, root / "trt_engine.py")
+    shutil.copytree(TRT_ENGINE, root / "trt_engine", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     cache_rel = None
     if build_on_device:
         _copy(TEMPLATES / "build_engine.py", root / "build_engine.py")
         if cache is not None:
             cache_rel = f"calibration/{cache.name}"
             _copy(cache, root / cache_rel)
+            intent = cache.with_name(cache.name + ".layers.json")     # the INT8 file's per-layer precisions
+            if intent.is_file():
+                _copy(intent, root / f"{cache_rel}.layers.json")
     (root / "README.txt").write_text(_readme(contents, spec, build_on_device, cache_rel), encoding="utf-8")
     _write_manifest(root, run, contents, spec, {"build_on_device": build_on_device, "calibration_cache": cache_rel})
 
@@ -202,7 +205,8 @@ def _write_layout(root: Path, run: RunDir, fmt, variants: list[str], sidecars: d
     models = collect_models(run, variants, engines, sidecars)
     export = run.require_export().get("settings") or {}
     ctx = LayoutContext(run=run, name=server_name(str(export.get("model") or "model")), spec=spec,
-                        labels=labels_for(spec, models[0].outputs), folded=bool(export.get("fold_preprocessing")),
+                        labels=labels_for(spec, models[0].outputs),
+                        folded=bool(getattr(spec, "raw_pixels", False) or export.get("fold_preprocessing")),
                         queue_delay_us=int(queue_delay_us), check_images=_check_images(run, check_images))
     extra = {}
     if fmt.name == "deepstream":
@@ -211,7 +215,7 @@ def _write_layout(root: Path, run: RunDir, fmt, variants: list[str], sidecars: d
     layout = writer(fmt).write(root, models, ctx, **extra)
     (root / "preprocess.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
     readme = [f"rexport deployment bundle: {fmt.server} layout", "", *layout.readme, "",
-              f"Smoke test on this machine (loads each model from the files its config names): "
+              "Smoke test on this machine (loads each model from the files its config names): "
               "rexport infer BUNDLE_DIR IMAGE [--model NAME]",
               "bundle.json lists every file with its sha256 (check: sha256sum)."]
     (root / "README.txt").write_text("\n".join(readme) + "\n", encoding="utf-8")

@@ -126,8 +126,11 @@ def run_evaluate(run: RunDir, settings: EvaluateSettings, variants: list[str] | 
             p = the_pass()
             ref = None if v == reference else json.loads(run.file(f"eval/{reference}.json").read_text())
             result = eval_result(v, p, data, ref, settings, common_warnings)
+            from rexport.pipeline.budget_eval import budget_split_figures  # INT8 budget: the held-out split
+
+            result.update(budget_split_figures(run, data, p.kept, result, ref))
             atomic_write_json(run.file(f"eval/{v}.json"), result)
-            summary = {k: result[k] for k in ("top1", "top5", "n", "drop_top1_vs_fp32")}
+            summary = {k: result[k] for k in ("top1", "top5", "n", "drop_top1_vs_reference")}
             if p.info:
                 summary["ray"] = p.info
             return StageOutcome(outputs=[f"eval/{v}.json"], summary=summary)
@@ -175,8 +178,9 @@ def eval_result(v: str, p: Predictions, data: LabelledSet, ref: dict | None, set
     unreadable = len(data) - len(p.kept)
     notes = list(warnings_) + ([f"{unreadable} unreadable images were left out"] if unreadable else [])
     return {"variant": v, "top1": top1, "top5": top5, "n": len(labels),
-            "drop_top1_vs_fp32": 0.0 if ref is None else ref["top1"] - top1,
-            "agreement_top1_vs_fp32": 1.0 if ref is None else float((np.asarray(ref["predictions"]) == pred).mean()),
+            "reference": v if ref is None else ref.get("variant"),   # pytorch, or the FP32 ONNX of an import
+            "drop_top1_vs_reference": 0.0 if ref is None else ref["top1"] - top1,
+            "agreement_top1_vs_reference": 1.0 if ref is None else float((np.asarray(ref["predictions"]) == pred).mean()),
             "dataset": {"source": str(settings.val_data), "n": len(labels), "unreadable": unreadable,
                         "classes": data.classes},
             "warnings": notes, "predictions": pred.tolist(), "labels": labels.tolist(),

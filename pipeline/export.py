@@ -39,6 +39,7 @@ class ExportSettings:
     seed: int = 0
     opset: int = DEFAULT_OPSET
     batch: str = "dynamic"             # "dynamic" or a fixed batch size
+    fold_preprocessing: bool = False   # the FP32 file (so every variant) takes raw uint8 NHWC pixels
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
 
     def __post_init__(self) -> None:
@@ -76,24 +77,35 @@ def _const(graph, name: str) -> np.ndarray | None:
 
 def portable_head(model):
     """Rewrite ReduceMean(axes=H,W, keepdims) -> GlobalAveragePool and a following
-    Reshape(-1, C) -> Flatten, so the graph converts to opset 17 and parses in TensorRT 8.5."""
+    Reshape(-1, C) -> Flatten (without keepdims: GlobalAveragePool + Flatten), so the graph converts
+    to opset 17 and parses in TensorRT 8.5."""
     from onnx import helper
 
     g = model.graph
     pooled: set[str] = set()
+    flattens: list[tuple[int, object]] = []
     for i, node in enumerate(list(g.node)):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "ReduceMean" and len(node.input) == 2 and attrs.get("keepdims", 1) == 1:
+        if node.op_type == "ReduceMean" and len(node.input) == 2:
             axes = _const(g, node.input[1])
-            if axes is not None and sorted(int(a) % 4 for a in axes.ravel()) == [2, 3]:
-                g.node[i].CopyFrom(helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output),
-                                                    name=node.name or f"gap_{i}"))
+            if axes is None or sorted(int(a) % 4 for a in axes.ravel()) != [2, 3]:
+                continue
+            name = node.name or f"gap_{i}"
+            if attrs.get("keepdims", 1) == 1:
+                g.node[i].CopyFrom(helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=name))
                 pooled.add(node.output[0])
+            else:  # x.mean((2, 3)) in a user's model
+                out = node.output[0]
+                g.node[i].CopyFrom(helper.make_node("GlobalAveragePool", [node.input[0]], [out + "_pooled"], name=name))
+                flattens.append((i + 1, helper.make_node("Flatten", [out + "_pooled"], [out], name=name + "_flatten",
+                                                         axis=1)))
         elif node.op_type == "Reshape" and node.input[0] in pooled:
             shape = _const(g, node.input[1])
             if shape is not None and shape.size == 2 and int(shape[0]) in (-1, 0):
                 g.node[i].CopyFrom(helper.make_node("Flatten", [node.input[0]], list(node.output),
                                                     name=node.name or f"flatten_{i}", axis=1))
+    for at, flatten in reversed(flattens):
+        g.node.insert(at, flatten)
     return model
 
 
@@ -178,6 +190,17 @@ def export_onnx(settings: ExportSettings, out_path: str | os.PathLike) -> dict:
                          "pass a labels file with one class name per line, one per class")
     model, x = _to_onnx_model(loaded.model, settings)
     model = _simplify(model)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0]
+    fold = None
+    if settings.fold_preprocessing:  # raw pixels in; proven against the float graph on the same images
+        from rexport.pipeline.fold_preprocessing import fold_error, fold_preprocessing, raw_pixel_spec
+
+        float_model = onnx.ModelProto()
+        float_model.CopyFrom(model)
+        model = fold_preprocessing(model, spec)
+        fold = fold_error(float_model, model, spec)
+        spec = raw_pixel_spec(spec)
     model.producer_name, model.producer_version = "rexport", __import__("rexport").__version__
     meta = {METADATA_KEY: spec.to_json(), "rexport.model": settings.model,
             "rexport.num_classes": str(num_classes),
@@ -191,18 +214,17 @@ def export_onnx(settings: ExportSettings, out_path: str | os.PathLike) -> dict:
     data = model.SerializeToString()
     if len(data) >= 2**31 - 1:  # protobuf limit; no ResNet here comes close (resnet152 is 240 MB)
         raise InputError("model is larger than 2 GB and cannot be one ONNX file", "use a smaller model")
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    got = session.run(None, {"input": x.numpy()})[0]
     with atomic_path(out_path) as tmp:
         tmp.write_bytes(data)
     ops: dict[str, int] = {}
     for n in model.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     return {
-        "model": settings.model, "num_classes": num_classes, "random_weights": loaded.random_init,
+        "model": settings.model, "num_classes": num_classes, "random_weights": loaded.random_weights,
         "weights_sha256": loaded.weights_sha256, "opset": settings.opset, "batch": settings.batch,
-        "nodes": len(model.graph.node), "ops": ops, "size_mb": round(len(data) / 1e6, 3),
+        "nodes": len(model.graph.node), "ops": ops, "size_mib": round(len(data) / 2**20, 3),
         "smoke_max_abs_error": float(np.abs(got - ref).max()),
+        "fold_preprocessing": settings.fold_preprocessing, "fold_max_abs_error": fold,
     }
 
 
@@ -221,9 +243,18 @@ def run_export(run: RunDir, settings: ExportSettings, *, force: bool = False) ->
     if had_import or (before and rec["outputs"].get(rel) != before):
         drop_downstream(run)
     run.manifest["model"] = settings.model
-    run.manifest["preprocess"] = settings.preprocess.to_dict()
+    run.manifest["preprocess"] = recorded_spec(settings).to_dict()
     run.save()
     return rec
+
+
+def recorded_spec(settings) -> PreprocessSpec:
+    """The spec the FP32 file carries: raw pixels in when the run folds its preprocessing."""
+    if settings.fold_preprocessing:
+        from rexport.pipeline.fold_preprocessing import raw_pixel_spec
+
+        return raw_pixel_spec(settings.preprocess)
+    return settings.preprocess
 
 
 #: what later stages made from the FP32 export; a new export makes all of it stale
@@ -286,7 +317,7 @@ def preprocess_from_options(*, model: str | None, input_size: int | None, resize
 def export_settings_from_options(*, model: str, weights: str | None, num_classes: int | None,
                                  trust_checkpoint: bool, seed: int, opset: int | None, input_size: int | None,
                                  resize: int | None, mean, std, bgr: bool, labels: str | None,
-                                 batch: str) -> ExportSettings:
+                                 batch: str, fold_preprocessing: bool = False) -> ExportSettings:
     """ExportSettings from CLI-style options (defaults filled in, labels read). A timm model's
     defaults come from timm's pretrained config, the rest from ImageNet's."""
     spec = preprocess_from_options(model=model, input_size=input_size, resize=resize, mean=mean, std=std,
@@ -295,4 +326,5 @@ def export_settings_from_options(*, model: str, weights: str | None, num_classes
         raise InputError(f"checkpoint {weights} not found", "pass an existing .pth/.pt/.safetensors file")
     return ExportSettings(model=model, weights=str(weights) if weights else None, num_classes=num_classes,
                           trust_checkpoint=trust_checkpoint, seed=seed,
-                          opset=DEFAULT_OPSET if opset is None else opset, batch=str(batch), preprocess=spec)
+                          opset=DEFAULT_OPSET if opset is None else opset, batch=str(batch),
+                          fold_preprocessing=bool(fold_preprocessing), preprocess=spec)

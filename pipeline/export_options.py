@@ -26,8 +26,19 @@ class ExportOptions:
     bgr: bool = setting(False, help="The model expects BGR channel order.")
     labels: str | None = setting(None, help="Text file with one class name per line.")
     batch: str = setting("dynamic", help="'dynamic' or a fixed batch size.")
+    onnx: str | None = setting(None, help="Start from this ONNX classifier instead of a PyTorch model "
+                                          "(what 'rexport import' does); --model and --weights are then unused.")
+    fold_preprocessing: bool = setting(False, help="Every variant and engine takes raw uint8 NHWC pixels at the "
+                                                   "input size: scaling, mean/std and layout inside the graph.")
 
     def to_settings(self):
+        """ExportSettings, or ImportSettings when the run starts from an ONNX file (--onnx)."""
         from rexport.pipeline.export import export_settings_from_options
 
-        return export_settings_from_options(**asdict(self))
+        values = asdict(self)
+        if values.pop("onnx") is not None:
+            from rexport.pipeline.import_onnx import import_settings_from_options
+
+            keep = ("opset", "input_size", "resize", "mean", "std", "bgr", "labels", "batch", "fold_preprocessing")
+            return import_settings_from_options(onnx=self.onnx, **{k: values[k] for k in keep})
+        return export_settings_from_options(**values)

@@ -18,7 +18,8 @@ import numpy as np
 from rexport.core.errors import InputError
 from rexport.core.fsio import atomic_path, sha256_file
 from rexport.core.preprocess import METADATA_KEY, PreprocessSpec
-from rexport.pipeline.export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, drop_downstream, portable_head
+from rexport.pipeline.export import (DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, drop_downstream, portable_head,
+                                     recorded_spec)
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
 
 MIN_SOURCE_OPSET = 13
@@ -317,10 +318,15 @@ def import_onnx(settings: ImportSettings, out_path: str | os.PathLike) -> dict:
     # the rewrites must not change the numbers: the file as given, in ORT, on the same input
     ref = _probe(original, (probe_batch,), spec.input_size, seed=1)
     smoke = float(np.abs(got[probe_batch] - ref[probe_batch]).max()) if isinstance(ref, dict) else None
-    if settings.fold_preprocessing:
-        from rexport.pipeline.fold_preprocessing import fold_preprocessing
+    fold = None
+    if settings.fold_preprocessing:  # raw pixels in; proven against the float graph on the same images
+        from rexport.pipeline.fold_preprocessing import fold_error, fold_preprocessing, raw_pixel_spec
 
+        float_model = onnx.ModelProto()
+        float_model.CopyFrom(model)
         model = fold_preprocessing(model, spec)
+        fold = fold_error(float_model, model, spec)
+        spec = raw_pixel_spec(spec)
     file_sha = sha256_file(path)
     model.producer_name, model.producer_version = "rexport", __import__("rexport").__version__
     meta = {METADATA_KEY: spec.to_json(), "rexport.model": settings.model, "rexport.num_classes": str(num_classes),
@@ -339,8 +345,8 @@ def import_onnx(settings: ImportSettings, out_path: str | os.PathLike) -> dict:
     return {"model": settings.model, "source": str(path), "source_sha256": file_sha, "num_classes": num_classes,
             "random_weights": False, "imported": True, "input_dtype": input_dtype, "source_opset": source_opset,
             "opset": _opset(model), "output": "probabilities" if last == "Softmax" else "logits",
-            **batch_info, "notes": notes, "nodes": len(model.graph.node), "size_mb": round(len(data) / 1e6, 3),
-            "fold_preprocessing": settings.fold_preprocessing,
+            **batch_info, "notes": notes, "nodes": len(model.graph.node), "size_mib": round(len(data) / 2**20, 3),
+            "fold_preprocessing": settings.fold_preprocessing, "fold_max_abs_error": fold,
             "smoke_max_abs_error": smoke, "smoke": "imported file vs the file as given, ONNX Runtime, seeded input"}
 
 
@@ -358,7 +364,7 @@ def run_import(run: RunDir, settings: ImportSettings, *, force: bool = False) ->
     if had_export or (before and rec["outputs"].get(rel) != before):
         drop_downstream(run, keep="import")
     run.manifest["model"] = settings.model
-    run.manifest["preprocess"] = settings.preprocess.to_dict()
+    run.manifest["preprocess"] = recorded_spec(settings).to_dict()
     run.save()
     return rec
 

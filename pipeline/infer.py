@@ -38,7 +38,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def random_init(path: str | os.PathLike) -> bool:
+def has_random_weights(path: str | os.PathLike) -> bool:
     """Whether an ONNX file written by rexport came from a seeded random init (no --weights)."""
     import onnx
 
@@ -74,16 +74,16 @@ def infer_images(artifact: str | os.PathLike, images: list[str], *, topk: int = 
         x = _read_images(images, served.prepare)
         with served.runner:
             logits = served.runner.infer(x)
-        untrained = served_file is not None and served_file.suffix == ".onnx" and random_init(served_file)
+        untrained = served_file is not None and served_file.suffix == ".onnx" and has_random_weights(served_file)
         extra = {"model": served_name, "served": served.note}
         return _top(images, logits, served.labels or spec_labels, topk, untrained, extra)
     if model is not None:
         raise InputError("--model picks a model in a bundle folder", f"{artifact} is not one: drop --model")
     runner, spec = open_artifact(artifact)
-    x = _read_images(images, spec.load_image)
+    x = _read_images(images, spec.load_input)   # raw uint8 pixels for a folded-preprocessing model
     with runner:
         logits = runner.infer(x)
-    untrained = Path(artifact).suffix == ".onnx" and random_init(artifact)
+    untrained = Path(artifact).suffix == ".onnx" and has_random_weights(artifact)
     return _top(images, logits, spec.labels, topk, untrained, {})
 
 

@@ -127,6 +127,11 @@ class LabelledSet:
     def fingerprints(self) -> set[str]:
         """Content hashes of the samples, as calibration readers compute them: sha256 of an image
         file's bytes, or of a preprocessed row's float32 bytes (for the overlap warning)."""
+        return set(self.row_fingerprints())
+
+    def row_fingerprints(self) -> list[str]:
+        """The content hash of each sample, in sample order (as ``fingerprints``): the INT8 budget's
+        seeded splits are drawn over them and recorded by them."""
         if self._items is not None:
-            return {sha256_file(p) for p in self._items}
-        return {hashlib.sha256(np.ascontiguousarray(row, dtype=np.float32).tobytes()).hexdigest() for row in self._x}
+            return [sha256_file(p) for p in self._items]
+        return [hashlib.sha256(np.ascontiguousarray(row, dtype=np.float32).tobytes()).hexdigest() for row in self._x]

@@ -15,7 +15,10 @@ from rexport.core.errors import InputError
 from rexport.core.fsio import RunLock, atomic_write_json, ensure_dir, read_json, sha256_file, sha256_json
 
 SCHEMA_VERSION = 1
-VARIANT_FILES = {"fp32": "onnx/model.fp32.onnx", "fp16": "onnx/model.fp16.onnx", "int8": "onnx/model.int8.onnx"}
+#: ONNX variants; ``int8`` is the TensorRT form of the INT8 file, ``int8-openvino`` the OpenVINO (NNCF-parity)
+#: form, both written by 'quantize:int8' from one calibration (rexport.pipeline.quantization.forms)
+VARIANT_FILES = {"fp32": "onnx/model.fp32.onnx", "fp16": "onnx/model.fp16.onnx", "int8": "onnx/model.int8.onnx",
+                 "int8-openvino": "onnx/model.int8-openvino.onnx"}
 
 
 def default_run_dir(model: str) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from rexport.core.errors import InputError
 from rexport.pipeline.quantization.onnx_io import load_onnx, node_id, write_checked
@@ -196,9 +196,9 @@ def strip_groups(int8_path: Path, out_path: Path, names: Iterable[str], *, fp32_
     return list(dict.fromkeys(c for n in wanted for c in known[n].consumers))
 
 
-def weight_array(model: onnx.ModelProto, name: str):
-    """An initializer as a numpy array (for tests and reports)."""
-    init = next((i for i in model.graph.initializer if i.name == name), None)
-    if init is None:
-        raise InputError(f"no initializer {name}")
-    return numpy_helper.to_array(init)
+def layer_names(model: onnx.ModelProto) -> dict[str, str]:
+    """Node name -> a readable layer name: for a weighted layer, its weight's name less ``.weight``
+    (the PyTorch module, e.g. ``layer2.0.conv2``); else the node name."""
+    inits = {i.name for i in model.graph.initializer}
+    return {node_id(n): (n.input[1].removesuffix(".weight") if n.op_type in _WEIGHTED_OPS and len(n.input) > 1
+                         and n.input[1] in inits else node_id(n)) for n in model.graph.node}

@@ -27,9 +27,14 @@ REPORT_FILES = ("report/report.json", "report/report.md", "report/report.html")
 def write_report(run: RunDir) -> dict:
     """Write report/report.json, report.md and report.html atomically; return the report dict."""
     report = build_report(run)
-    plots = [p(report) for p in PLOTS]
-    report["plots"] = [{"name": p.__name__.removeprefix("plot_"), "drawn": png is not None, "caption": cap}
-                       for p, (png, cap) in zip(PLOTS, plots)]
+    from rexport.pipeline.reporting.sections import section_plots
+
+    funcs = [*PLOTS, *section_plots()]
+    drawn = [(f, f(report)) for f in funcs]
+    drawn = [(f, pc) for f, pc in drawn if f in PLOTS or pc[1]]  # a section plot with nothing to show is left out
+    plots = [pc for _, pc in drawn]
+    report["plots"] = [{"name": f.__name__.removeprefix("plot_"), "drawn": png is not None, "caption": cap}
+                       for f, (png, cap) in drawn]
     md = render_markdown(report, [cap for _, cap in plots])
     page = render_html(report, plots)
     atomic_write_json(run.file(REPORT_FILES[0]), report)

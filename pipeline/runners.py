@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from rexport.core.errors import InputError
+from rexport.core.preprocess import PreprocessSpec
 
 
 class Runner:
@@ -96,6 +97,9 @@ class OnnxRuntimeRunner(Runner):
             raise InputError(f"ONNX Runtime cannot load {self.path}: {first}",
                              "pass a complete .onnx file (re-run 'rexport export')") from None
         self.input_name = self.session.get_inputs()[0].name
+        # a folded-preprocessing file takes raw uint8 NHWC pixels: normalised batches are turned back into them
+        self.feed = (PreprocessSpec.from_onnx(self.path).model_input
+                     if self.session.get_inputs()[0].type == "tensor(uint8)" else None)
         self.settings = {"runtime": "onnxruntime", "providers": self.session.get_providers(),
                          "threads": self.threads or "default (physical cores)"}
 
@@ -103,5 +107,6 @@ class OnnxRuntimeRunner(Runner):
         self.session = None
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        out = self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        x = self.feed(x) if self.feed else np.ascontiguousarray(x, dtype=np.float32)
+        out = self.session.run(None, {self.input_name: x})[0]
         return out.astype(np.float32, copy=False)

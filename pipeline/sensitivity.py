@@ -2,9 +2,9 @@
 what leaving it alone in float regains (``leave-out``), measured as logit KL divergence (or MSE) to FP32
 on a selection split, with top-1 beside it as the final judge.
 
-It is fast because one ONNX Runtime session does all of it: the INT8 file is rewritten so that every
-group can be switched on or off by a boolean input (see :mod:`rexport.pipeline.qdq_groups`), so each
-group costs one pass over the (small) sensitivity sample and no file is written or compiled per group.
+It is fast because no file is written or compiled per group: the INT8 file is rewritten so that every
+group can be switched on or off by a boolean input, cut into parts at the block boundaries, and each
+group costs a pass over the network after it, in FP32 speed (:mod:`rexport.pipeline.switch_session`).
 Results are cached by content: the INT8 file's sha256 (its ranges and placement), the FP32 file's,
 the data fingerprint, the calibration key and these settings.
 """
@@ -19,7 +19,8 @@ import numpy as np
 
 from rexport.core.errors import InputError
 from rexport.core.fsio import atomic_write_json, read_json, sha256_file, sha256_json
-from rexport.pipeline.qdq_groups import SWITCH_PREFIX, QuantizerGroup, find_groups, switchable_model
+from rexport.pipeline.qdq_groups import QuantizerGroup
+from rexport.pipeline.switch_session import SwitchSession
 
 METRICS = ("kl", "mse")
 MODES = ("alone", "leave-out")
@@ -95,34 +96,6 @@ def logit_divergence(ref: np.ndarray, y: np.ndarray, metric: str) -> float:
     return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)))
 
 
-class SwitchableSession:
-    """One ONNX Runtime session over a Q/DQ file in which any subset of groups can be quantized."""
-
-    def __init__(self, int8_path: Path, fp32_path: Path, *, threads: int | None = None,
-                 groups: list[QuantizerGroup] | None = None) -> None:
-        import onnx
-        import onnxruntime as ort
-
-        model = onnx.load(str(int8_path))
-        self.groups = groups if groups is not None else find_groups(model)
-        switched = switchable_model(model, self.groups, fp32=onnx.load(str(fp32_path)))
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(switched.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        self.input_name = model.graph.input[0].name
-        self.index = {g.name: i for i, g in enumerate(self.groups)}
-
-    def logits(self, x: np.ndarray, quantized: set[str], batch_size: int) -> np.ndarray:
-        flags = {f"{SWITCH_PREFIX}{i}": np.array(g.name in quantized) for i, g in enumerate(self.groups)}
-        out = []
-        for s in range(0, len(x), batch_size):
-            feed = {self.input_name: np.ascontiguousarray(x[s:s + batch_size], dtype=np.float32), **flags}
-            out.append(self.session.run(None, feed)[0])
-        return np.concatenate(out).astype(np.float32)
-
-
 def _figures(ref: np.ndarray, y: np.ndarray, labels: np.ndarray | None, metric: str) -> tuple[float, float, float | None]:
     agree = float((ref.argmax(1) == y.argmax(1)).mean())
     acc = None if labels is None else float((y.argmax(1) == labels).mean())
@@ -131,7 +104,7 @@ def _figures(ref: np.ndarray, y: np.ndarray, labels: np.ndarray | None, metric: 
 
 def measure_sensitivity(int8_path: Path, fp32_path: Path, x: np.ndarray, labels: np.ndarray | None,
                         settings: SensitivitySettings, cache_dir: Path, *, calibration_key: str = "",
-                        session: SwitchableSession | None = None) -> SensitivityResult:
+                        session: SwitchSession | None = None) -> SensitivityResult:
     """Rank the quantizer groups of ``int8_path`` by their effect on the logits of ``x`` (the first
     ``settings.samples`` rows are used); from ``cache_dir`` when measured before on the same content."""
     start = time.perf_counter()
@@ -147,16 +120,16 @@ def measure_sensitivity(int8_path: Path, fp32_path: Path, x: np.ndarray, labels:
         doc = read_json(path)
         if doc.get("key") == key and doc.get("format") == FORMAT:
             return _from_doc(doc, path, time.perf_counter() - start)
-    sess = session or SwitchableSession(int8_path, fp32_path, threads=settings.threads)
+    sess = session or SwitchSession(int8_path, fp32_path, threads=settings.threads)
     every = {g.name for g in sess.groups}
-    ref = sess.logits(x, set(), settings.batch_size)
-    full = sess.logits(x, every, settings.batch_size)
+    subsets = [{g.name} if settings.mode == "alone" else every - {g.name} for g in sess.groups]
+    ref, outs = sess.logits_many(x, [every, *subsets], settings.batch_size)
+    full = outs[0]
     base = dict(zip(("score", "agreement_top1", "accuracy_top1"), _figures(ref, full, labels, settings.metric)))
     baseline = {"int8": base, "fp32_accuracy_top1": None if labels is None else float((ref.argmax(1) == labels).mean())}
     rows = []
-    for grp in sess.groups:
-        on = {grp.name} if settings.mode == "alone" else every - {grp.name}
-        score, agree, acc = _figures(ref, sess.logits(x, on, settings.batch_size), labels, settings.metric)
+    for grp, y in zip(sess.groups, outs[1:]):
+        score, agree, acc = _figures(ref, y, labels, settings.metric)
         if settings.mode == "leave-out":  # what leaving it in float regains
             score = base["score"] - score
         rows.append(GroupSensitivity(grp, score, agree, acc))

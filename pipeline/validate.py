@@ -116,6 +116,7 @@ def make_inputs(spec: PreprocessSpec, settings: ValidateSettings,
         std = np.asarray(spec.std, np.float32).reshape(1, 3, 1, 1)
         x = rng.standard_normal((settings.samples, *spec.input_shape), dtype=np.float32)
         x = np.clip(x, (0.0 - mean) / std, (1.0 - mean) / std).astype(np.float32)
+        x = spec.on_pixel_grid(x)  # folded preprocessing: values a decoded image gives, for both paths
         return x, {"kind": "synthetic", "source": f"seeded normal noise in the normalised pixel range "
                    f"(seed {settings.seed})", "samples": settings.samples}
     root = Path(settings.data)
@@ -273,9 +274,12 @@ def per_layer_errors(fp32_path: Path, int8_path: Path, x: np.ndarray, limit: int
     def with_outputs(path: Path, names: list[str]) -> bytes:
         m = onnx.load(str(path))
         have = {o.name for o in m.graph.output}
+        # each tensor's own type: an INT8 file with FP16 float parts has FP16 layer outputs
+        types = {vi.name: vi.type.tensor_type.elem_type for vi in onnx.shape_inference.infer_shapes(m).graph.value_info}
         for n in names:
             if n not in have:
-                m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+                m.graph.output.append(onnx.helper.make_tensor_value_info(n, types.get(n) or onnx.TensorProto.FLOAT,
+                                                                         None))
         return m.SerializeToString()
 
     int8 = onnx.load(str(int8_path), load_external_data=False)
@@ -288,7 +292,7 @@ def per_layer_errors(fp32_path: Path, int8_path: Path, x: np.ndarray, limit: int
     if not layers:
         return []
     names = [t for _, t in layers]
-    xs = x[:limit]
+    xs = PreprocessSpec.from_onnx(fp32_path).model_input(x[:limit])  # raw pixels for a folded model
     results = []
     outs = {}
     for key, path in (("fp32", fp32_path), ("int8", int8_path)):

@@ -1,7 +1,8 @@
 """Variant names and how to open each one as a Runner.
 
-``pytorch`` (the FP32 reference), ``fp32``/``fp16``/``int8`` (the ONNX files) and
-``<backend>-<precision>`` engines (``openvino-int8``, ``tensorrt-fp16``...).
+``pytorch`` (the FP32 reference), ``fp32``/``fp16``/``int8``/``int8-openvino`` (the ONNX files: ``int8`` is
+the TensorRT form of the INT8 file, ``int8-openvino`` the OpenVINO form) and ``<backend>-<precision>``
+engines (``openvino-int8``, ``tensorrt-fp16``...).
 """
 from __future__ import annotations
 
@@ -38,9 +39,12 @@ def list_variants(run: RunDir, *, reference: bool = True) -> list[str]:
 
 
 def variant_precision(variant: str) -> str:
-    """The numeric precision of a variant: fp32 for the reference, the suffix for engines."""
+    """The numeric precision of a variant: fp32 for the reference, the name before any '-form' for the
+    ONNX files (``int8-openvino`` is int8), the suffix for engines (``openvino-int8``)."""
     if variant == REFERENCE:
         return "fp32"
+    if variant in VARIANT_FILES:
+        return variant.split("-", 1)[0]
     return variant.rsplit("-", 1)[-1]
 
 
@@ -85,7 +89,7 @@ def open_variant(run: RunDir, variant: str, *, threads: int | None = None) -> Ru
     if variant == REFERENCE:
         return TorchRunner(load_reference(run).model, threads=threads)
     if variant in VARIANT_FILES:
-        path = run.require(VARIANT_FILES[variant], f"rexport quantize --precision {variant}"
+        path = run.require(VARIANT_FILES[variant], f"rexport quantize --precision {variant_precision(variant)}"
                            if variant != "fp32" else "rexport export")
         return OnnxRuntimeRunner(path, threads=threads, name=variant)
     engines = engine_dirs(run)

@@ -132,3 +132,32 @@ def test_a_locked_run_directory_is_refused(small_run):
     with RunLock(small_run.path):
         proc = rexport_cli("validate", "--out", small_run.path, "--samples", "2")
     assert_clean_failure(proc, 2, "another rexport command")
+
+
+def test_run_takes_every_stage_option():
+    """Each stage command and ``run`` expose the same settings fields (both are generated from the
+    stage's settings dataclass; this catches a hand-written option that drifts)."""
+    from rexport.cli import cli
+    from rexport.cli.options import run_names
+    from rexport.core.settings import setting_specs
+    from rexport.pipeline.run import run_stages
+
+    def longs(command) -> set[str]:
+        return {o[2:] for p in command.params for o in [*p.opts, *p.secondary_opts] if o.startswith("--")}
+
+    stages = run_stages()
+    names = run_names(stages)
+    on_run = longs(cli.commands["run"])
+    for stage, cls, *_ in stages[1:]:
+        on_stage = longs(cli.commands[stage])
+        specs = [s for s in setting_specs(cls) if s.cli]
+        assert specs, stage
+        missing_stage = [s.cli for s in specs if s.cli not in on_stage]
+        missing_run = [names[(stage, s.field)] for s in specs if s.run is not False
+                       and names[(stage, s.field)] not in on_run]
+        assert not missing_stage and not missing_run, (stage, missing_stage, missing_run)
+    for name in ("calib-samples", "val-samples", "bench-min-time", "validate-samples", "eval-samples",
+                 "bench-batch-sizes", "bench-threads", "exclude", "residual-qdq", "workspace", "skip-first-conv",
+                 "tol", "config", "print-config"):
+        assert name in on_run, name
+    assert all("config" in longs(c) for c in cli.commands.values())

@@ -31,7 +31,7 @@ def labelled(tmp_path_factory):
 def finished_run(tmp_path_factory, labelled):
     out = tmp_path_factory.mktemp("run") / "r18"
     proc = rexport_cli("run", "--num-classes", "3", "--input-size", "64", "--calib-data", labelled,
-                       "--calib-samples", "12", "--val-data", labelled, "--bench-min-time", "0.2", "--out", out)
+                       "--calib-samples", "6", "--val-data", labelled, "--bench-min-time", "0.2", "--out", out)
     return out, proc
 
 
@@ -62,13 +62,26 @@ def test_evaluate_warns_when_calibration_and_evaluation_share_images(finished_ru
     assert any("calibration set" in w for w in res["warnings"])
 
 
-def test_unchanged_rerun_redoes_nothing(finished_run, labelled):
+def test_unchanged_rerun_from_a_config_file_redoes_nothing(finished_run, labelled, tmp_path):
+    """The same run from a config file (written by --print-config from the same flags) has the same
+    manifest settings as the run from flags, so nothing is redone."""
     out, _ = finished_run
-    before = json.loads((out / "manifest.json").read_text())["stages"]
-    proc = rexport_cli("run", "--num-classes", "3", "--input-size", "64", "--calib-data", labelled,
-                       "--calib-samples", "12", "--val-data", labelled, "--bench-min-time", "0.2", "--out", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    before = manifest["stages"]
+    printed = rexport_cli("run", "--num-classes", "3", "--input-size", "64", "--calib-data", labelled,
+                          "--calib-samples", "6", "--val-data", labelled, "--bench-min-time", "0.2", "--out", out,
+                          "--print-config")
+    assert printed.returncode == 0 and "calib-samples = 6" in printed.stdout, printed.stderr
+    config = tmp_path / "run.toml"
+    config.write_text(printed.stdout)
+    proc = rexport_cli("run", "--config", config)
     assert proc.returncode == 0, proc.stderr
-    after = json.loads((out / "manifest.json").read_text())["stages"]
+    again = json.loads((out / "manifest.json").read_text())
+    assert again["run_settings"]["settings"] == manifest["run_settings"]["settings"]
+    assert again["run_settings"]["config"]["path"] == str(config)
+    assert "calib-samples" in manifest["run_settings"]["sources"]["command_line"]
+    assert "calib-samples" in again["run_settings"]["sources"]["config_file"]
+    after = again["stages"]
     log = (out / "run.log").read_text().split("$ rexport run")[-1]  # what the rerun did
     for name, st in after.items():
         if name != "report" and st["status"] == "ok":

@@ -124,7 +124,8 @@ class OpenVINOBackend(Backend):
         return None
 
     def source_variant(self, precision: str, settings: BuildSettings | None = None) -> str:
-        return {"fp32": "fp32", "bf16": "fp32", "int8": "int8"}[precision]
+        # the INT8 engine compiles the OpenVINO (NNCF-parity) form of the INT8 file
+        return {"fp32": "fp32", "bf16": "fp32", "int8": "int8-openvino"}[precision]
 
     def load_settings(self, precision: str, threads: int | None = None) -> dict:
         settings = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision], "PERFORMANCE_HINT": PERFORMANCE_HINT}
@@ -221,6 +222,8 @@ class OpenVINORunner(Runner):
         self.sidecar = sidecar
         self.name = name or f"openvino-{sidecar['precision']}"
         self.config = dict(sidecar["load_settings"])
+        # raw uint8 NHWC pixels for a folded-preprocessing engine, else float32 NCHW
+        self.feed = PreprocessSpec.from_dict(sidecar.get("preprocess") or {}).model_input
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = None
@@ -251,7 +254,7 @@ class OpenVINORunner(Runner):
     def infer(self, x: np.ndarray) -> np.ndarray:
         if self.request is None:
             raise RuntimeError(f"{self.name} is not active: use it as a context manager")
-        self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+        self.request.infer({0: self.feed(x)})
         return np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True)
 
 

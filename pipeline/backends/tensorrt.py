@@ -1,4 +1,4 @@
-"""The TensorRT engine backend: rexport's glue over ``trt_engine`` (the one TensorRT module, also shipped
+"""The TensorRT engine backend: rexport's glue over ``trt_engine`` (the one TensorRT package, also shipped
 in the bundle). Here: availability on this machine, the ONNX checks that need ``onnx`` (before any
 TensorRT work), the preprocessing record, errors as rexport's one-line InputError, and the Runner.
 """
@@ -14,6 +14,7 @@ import numpy as np
 
 from rexport.core.env import cuda_gpu
 from rexport.core.errors import InputError, MissingDependency
+from rexport.core.preprocess import PreprocessSpec
 from rexport.pipeline.backends import Backend, BuildSettings, register
 from rexport.pipeline.backends import trt_engine as te
 from rexport.pipeline.backends.sidecar import read_sidecar, verify_engine_files
@@ -24,10 +25,11 @@ WHAT_TO_DO = ("install 'rexport[tensorrt]' (JetPack: apt's python3-libnvinfer an
               "--system-site-packages) on a machine with an NVIDIA GPU, or use --backend openvino")
 
 
-def build_spec(precision: str, settings: BuildSettings, int8_float: str = "fp16") -> te.BuildSpec:
-    """trt_engine's BuildSpec for rexport's BuildSettings (the OpenVINO-only ``threads`` is not TensorRT's)."""
+def build_spec(precision: str, settings: BuildSettings) -> te.BuildSpec:
+    """trt_engine's BuildSpec for rexport's BuildSettings (``threads`` is OpenVINO's, ``cuda_graphs`` a load
+    setting); an INT8 build's float parts come from the file's layer intent."""
     keep = {k: v for k, v in asdict(settings).items() if k in te.BuildSpec.__dataclass_fields__}
-    return _checked(te.BuildSpec, precision=precision, int8_float=int8_float, **keep)
+    return _checked(te.BuildSpec, precision=precision, **keep)
 
 
 def _checked(fn, *args, **kwargs):
@@ -72,13 +74,6 @@ def _preprocess_dict(onnx_path: Path, facts: dict) -> dict:
         return PreprocessSpec.from_dict(json.loads(facts["preprocess"])).to_dict()
     sibling = onnx_path.with_name("model.fp32.onnx")     # older fp16/int8 files may lack the metadata
     return PreprocessSpec.from_onnx(sibling if sibling.exists() else onnx_path).to_dict()
-
-
-def int8_float_of(onnx_path: Path) -> str:
-    """The float parts of the run's INT8 file (beside ``onnx_path``): what a weak-typed INT8 build pins
-    the layers it leaves unquantized to. Without the file: fp16, TensorRT's INT8+FP16 habit."""
-    int8 = Path(onnx_path).with_name("model.int8.onnx")
-    return ("fp16" if onnx_facts(int8)["fp16"] else "fp32") if int8.is_file() else "fp16"
 
 
 def _variant_of(onnx_path: Path) -> str:
@@ -137,7 +132,7 @@ class TensorRTBackend(Backend):
             raise err
         version = self.tensorrt_version()
         path = _checked(te.choose_build_path, version, settings.legacy)
-        spec = build_spec(precision, settings, int8_float_of(onnx_path) if precision == "int8" else "fp16")
+        spec = build_spec(precision, settings)
         facts = onnx_facts(onnx_path)
         wrong = te.source_mismatch(facts, precision, path)
         if wrong:      # checked with onnx before TensorRT parses anything
@@ -149,8 +144,9 @@ class TensorRTBackend(Backend):
         gpu, _ = cuda_gpu()
         device = {**gpu, **(te.board_facts() if gpu.get("integrated") else {})}
         result = _checked(te.build_engine, onnx_path, spec, device,
-                          calibration_cache=cache.read_bytes() if cache else None,
-                          cache_name=cache.name if cache else None, log=_log if progress else None)
+                          calibration_cache=cache.read_bytes() if cache else None, cache_name=cache.name if cache else None,
+                          intent_doc=_checked(te.read_layer_intent, cache) if cache else None,
+                          log=_log if progress else None)
         (dest / PLAN_FILE).write_bytes(result.plan)
         return te.make_sidecar(result, dest, device, source_onnx=onnx_path, source_variant=_variant_of(onnx_path),
                                preprocess=_preprocess_dict(onnx_path, facts), built_by="rexport",
@@ -177,6 +173,8 @@ class TensorRTRunner(Runner):
     def __init__(self, plan_path: Path, sidecar: dict, *, name: str = "tensorrt") -> None:
         super().__init__()
         self.plan_path, self.sidecar, self.name = Path(plan_path), sidecar, name
+        # raw uint8 NHWC pixels for a folded-preprocessing engine, else float32 NCHW
+        self.feed = PreprocessSpec.from_dict(sidecar.get("preprocess") or {}).model_input
         self._runner: te.EngineRunner | None = None
 
     def _activate(self) -> None:
@@ -197,7 +195,7 @@ class TensorRTRunner(Runner):
         return self._runner.last_device_ms if self._runner is not None else None
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        y = self._runner.infer(np.ascontiguousarray(x, dtype=np.float32))
+        y = self._runner.infer(self.feed(x))
         self.settings["cuda_graphs"] = self._runner.cuda_graphs   # "on", or "off (<why>)" once a capture failed
         return y
 

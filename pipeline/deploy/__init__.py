@@ -37,11 +37,16 @@ def get_format(name: str) -> Format:
     return FORMATS[name]
 
 
+def tensorrt_compiles(onnx_variant: str) -> bool:
+    """Whether TensorRT is meant to compile this ONNX variant (not the OpenVINO-form ``int8-openvino``)."""
+    return not onnx_variant.endswith("-openvino")
+
+
 def refusal(fmt: Format, variant: str, kind: str) -> str | None:
     """Why ``fmt`` cannot hold ``variant`` (of ``kind``), or None."""
     if kind not in fmt.kinds:
         return fmt.why_not.get(kind, f"{fmt.server} cannot serve {kind} models")
-    if kind == "onnx" and fmt.tensorrt_onnx and variant.endswith("-openvino"):
+    if kind == "onnx" and fmt.tensorrt_onnx and not tensorrt_compiles(variant):
         return "it is the OpenVINO-form INT8 ONNX; TensorRT compiles the TensorRT-form 'int8'"
     return None
 

@@ -6,6 +6,7 @@ the batch sizes the server may form (from the engine profile, else from the benc
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -67,6 +68,11 @@ class LayoutContext:
 def server_name(model: str) -> str:
     """A model name usable as a folder and URL path element: 'timm:resnet50' -> 'timm_resnet50'."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", model).strip("_.") or "model"
+
+
+def served_name(ctx: "LayoutContext", variant: str) -> str:
+    """The model's name on the server and its folder in every layout: resnet18_int8, resnet18_openvino-int8."""
+    return f"{ctx.name}_{variant}"
 
 
 def onnx_io(path: Path) -> tuple[list[Tensor], list[Tensor]]:
@@ -179,6 +185,11 @@ def variant_kind(variant: str, sidecars: dict[str, dict]) -> str:
     return "onnx" if variant in VARIANT_FILES else str(sidecars[variant]["backend"])
 
 
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
 def copy_file(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src, dst)
@@ -209,3 +220,13 @@ class Layout:
 def numbered_versions(model_dir: Path) -> list[Path]:
     """The numeric version folders of a served model (Triton and OVMS both serve ``<model>/<n>/``), newest last."""
     return sorted((d for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
+
+
+def input_note(ctx: LayoutContext) -> str:
+    """What a client sends: raw pixels to a folded model, else preprocess.json's preprocessing."""
+    s = ctx.spec
+    if ctx.folded:
+        return "Input: raw RGB pixels (the model normalises them itself: exported with --fold-preprocessing)."
+    return (f"Input: the client preprocesses (preprocess.json): resize shorter side to {s.resize}, centre crop "
+            f"{s.input_size}, /255, mean {list(s.mean)} std {list(s.std)}, {s.channel_order}, NCHW float32; "
+            "class names in labels.txt.")

@@ -9,12 +9,14 @@ closest single scale is written and its error is measured in logits on real imag
 from __future__ import annotations
 
 import configparser
+import contextlib
 from pathlib import Path
 
 import numpy as np
 
 from rexport.core.errors import InputError
-from rexport.pipeline.deploy.common import DeployModel, Layout, LayoutContext, copy_file, tensor_summary
+from rexport.pipeline.deploy.common import (DeployModel, Layout, LayoutContext, copy_file, served_name,
+                                            tensor_summary, write_json)
 
 INFER_CONFIG = "config_infer_primary.txt"
 LEGACY_CONFIG = "config_infer_primary_legacy.txt"
@@ -27,10 +29,6 @@ SCALING_FILTER = {"nearest": 0, "bilinear": 1, "bicubic": 2}    # NvBufSurfTrans
 LOGIT_THRESHOLD = -1e30
 SAMPLE_STREAM = "file:///opt/nvidia/deepstream/deepstream/samples/streams/sample_720p.mp4"
 UNIFORM_STD_RTOL = 1e-6
-
-
-def folder_name(ctx: LayoutContext, variant: str) -> str:
-    return f"{ctx.name}_{variant}"
 
 
 def scale_and_offsets(ctx: LayoutContext) -> tuple[float, list[float], bool]:
@@ -62,7 +60,9 @@ def infer_config(m: DeployModel, ctx: LayoutContext, *, legacy_cache: str | None
     inp = m.inputs[0]
     nhwc = len(inp.shape) == 4 and inp.shape[-1] == 3 and inp.shape[1] != 3
     chw = (inp.shape[3], inp.shape[1], inp.shape[2]) if nhwc else tuple(inp.shape[1:])
-    batch = 1 if m.batching.max_batch > 0 else max(1, inp.shape[0])
+    # one file source: batch 1, unless the model's batch is fixed or the engine's profile starts higher
+    profile_min = int(((m.sidecar or {}).get("profile") or {}).get("min", [1])[0])
+    batch = max(1, profile_min) if m.batching.max_batch > 0 else max(1, inp.shape[0])
     keys = {"gpu-id": "0", "net-scale-factor": _fmt(scale), "offsets": ";".join(_fmt(o) for o in offsets),
             "model-color-format": "1" if ctx.spec.channel_order == "BGR" else "0"}
     if legacy_cache:
@@ -84,7 +84,7 @@ def infer_config(m: DeployModel, ctx: LayoutContext, *, legacy_cache: str | None
     return keys
 
 
-def app_config(ctx: LayoutContext, infer_file: str = INFER_CONFIG) -> dict[str, dict[str, str]]:
+def app_config(infer_file: str = INFER_CONFIG) -> dict[str, dict[str, str]]:
     """A minimal deepstream-app config: one file source, nvinfer with our config, a fakesink."""
     return {
         "application": {"enable-perf-measurement": "1", "perf-measurement-interval-sec": "5"},
@@ -116,13 +116,13 @@ def write(root: Path, models: list[DeployModel], ctx: LayoutContext, *, calibrat
     scale, offsets, exact = scale_and_offsets(ctx)
     error = None if exact else measure_scale_error(ctx, scale, offsets)
     for m in models:
-        folder = root / folder_name(ctx, m.variant)
+        folder = root / served_name(ctx, m.variant)
         for dst, src in m.files.items():
             copy_file(src, folder / dst)
         (folder / LABELS).write_text(";".join(ctx.labels) + "\n", encoding="utf-8")
         header = f"Gst-nvinfer config for {ctx.name} {m.variant} ({m.kind}), written by rexport."
         (folder / INFER_CONFIG).write_text(_ini({"property": infer_config(m, ctx)}, header), encoding="utf-8")
-        (folder / APP_CONFIG).write_text(_ini(app_config(ctx), "deepstream-app -c " + APP_CONFIG), encoding="utf-8")
+        (folder / APP_CONFIG).write_text(_ini(app_config(), "deepstream-app -c " + APP_CONFIG), encoding="utf-8")
         entry = {"kind": m.kind, "path": folder.name, "config": f"{folder.name}/{INFER_CONFIG}",
                  "app_config": f"{folder.name}/{APP_CONFIG}", "precision": m.precision}
         if m.precision == "int8" and m.kind == "onnx" and calibration_cache and fp32_onnx:
@@ -134,7 +134,7 @@ def write(root: Path, models: list[DeployModel], ctx: LayoutContext, *, calibrat
             entry["legacy_config"] = f"{folder.name}/{LEGACY_CONFIG}"
         if m.kind == "tensorrt":
             entry["tensorrt"] = ((m.sidecar or {}).get("runtime") or {}).get("tensorrt")
-            (folder / "sidecar.json").write_text(_json(m.sidecar), encoding="utf-8")
+            write_json(folder / "sidecar.json", m.sidecar)
         layout.contents[m.variant] = entry
     if error is not None:
         layout.warnings.append(
@@ -144,14 +144,13 @@ def write(root: Path, models: list[DeployModel], ctx: LayoutContext, *, calibrat
             f"{error['source']}); export with --fold-preprocessing for an exact config")
         for entry in layout.contents.values():
             entry["preprocessing_error"] = error
+    for m in models:
+        if not m.inputs[0].dtype.startswith("float"):
+            layout.warnings.append(f"deepstream {m.variant}: the model's input is {m.inputs[0].dtype} (folded "
+                                   "preprocessing); nvinfer prepares float tensors, so check that your DeepStream "
+                                   "and TensorRT accept this input type")
     layout.readme = _readme(models, ctx, layout, scale, offsets, exact)
     return layout
-
-
-def _json(obj) -> str:
-    import json
-
-    return json.dumps(obj, indent=2) + "\n"
 
 
 def _readme(models, ctx: LayoutContext, layout: Layout, scale: float, offsets: list[float], exact: bool) -> list[str]:
@@ -188,7 +187,7 @@ def measure_scale_error(ctx: LayoutContext, scale: float, offsets: list[float]) 
     exact, approx = [], []
     color = 1 if ctx.spec.channel_order == "BGR" else 0
     for item in images:
-        with (Image.open(item) if isinstance(item, (str, Path)) else _nullcontext(item)) as img:
+        with (Image.open(item) if isinstance(item, (str, Path)) else contextlib.nullcontext(item)) as img:
             img.load()
             exact.append(ctx.spec.preprocess(img))
             approx.append(nvinfer_input(ctx.spec.crop(img), scale, offsets, color))
@@ -199,17 +198,6 @@ def measure_scale_error(ctx: LayoutContext, scale: float, offsets: list[float]) 
             "mean_abs_logit_error": float(np.mean(np.abs(ref - got))),
             "max_abs_logit": float(np.max(np.abs(ref))),
             "top1_agreement": float(np.mean(np.argmax(ref, 1) == np.argmax(got, 1)))}
-
-
-class _nullcontext:
-    def __init__(self, img) -> None:
-        self.img = img
-
-    def __enter__(self):
-        return self.img
-
-    def __exit__(self, *exc) -> None:
-        pass
 
 
 def generated_photos(ctx: LayoutContext, count: int = 16, seed: int = 0) -> list:
@@ -261,10 +249,10 @@ def open_served(root: Path, name: str, spec=None, folded: bool = False):
 
     folder = root / name
     keys = read_infer_config(folder / INFER_CONFIG)
-    dims = tuple(int(d) for d in keys["infer-dims"].split(";"))
+    c, h, w = (int(d) for d in keys["infer-dims"].split(";"))      # always channel;height;width
     nhwc = keys.get("network-input-order") == "1"
-    h, w = dims[:2] if nhwc else dims[1:]
-    declared = ServedTensor("", (-1, *dims), "float32")
+    # nvinfer names no input and fixes no dtype here: the engine's own (float unless folded)
+    declared = ServedTensor("", (-1, h, w, c) if nhwc else (-1, c, h, w), "")
     outputs = [(keys["output-blob-names"].split(";")[0], None)]
     model_file = keys.get("model-engine-file") or keys.get("onnx-file")
     if not model_file or not (folder / model_file).is_file():

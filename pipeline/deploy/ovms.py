@@ -11,15 +11,11 @@ import json
 from pathlib import Path
 
 from rexport.core.errors import InputError
-from rexport.pipeline.deploy.common import (DeployModel, Layout, LayoutContext, copy_file, numbered_versions,
-                                            tensor_summary)
+from rexport.pipeline.deploy.common import (DeployModel, Layout, LayoutContext, copy_file, input_note,
+                                            numbered_versions, served_name, tensor_summary, write_json)
 
 CONFIG = "config.json"
 DEVICE = "CPU"
-
-
-def model_name(ctx: LayoutContext, variant: str) -> str:
-    return f"{ctx.name}_{variant}"
 
 
 def plugin_config(m: DeployModel) -> dict:
@@ -36,28 +32,27 @@ def plugin_config(m: DeployModel) -> dict:
 
 def config_json(models: list[DeployModel], ctx: LayoutContext) -> dict:
     return {"model_config_list": [
-        {"config": {"name": model_name(ctx, m.variant), "base_path": model_name(ctx, m.variant),
+        {"config": {"name": served_name(ctx, m.variant), "base_path": served_name(ctx, m.variant),
                     "target_device": DEVICE, "plugin_config": plugin_config(m)}} for m in models]}
 
 
 def write(root: Path, models: list[DeployModel], ctx: LayoutContext) -> Layout:
     layout = Layout()
     for m in models:
-        name = model_name(ctx, m.variant)
+        name = served_name(ctx, m.variant)
         for dst, src in m.files.items():
             copy_file(src, root / name / "1" / dst)
         if m.sidecar is not None:
-            (root / name / "sidecar.json").write_text(json.dumps(m.sidecar, indent=2) + "\n", encoding="utf-8")
+            write_json(root / name / "sidecar.json", m.sidecar)
         layout.contents[m.variant] = {"kind": m.kind, "path": name, "config": CONFIG, "server_model": name,
                                       "precision": m.precision, "plugin_config": plugin_config(m)}
-    (root / CONFIG).write_text(json.dumps(config_json(models, ctx), indent=2) + "\n", encoding="utf-8")
+    write_json(root / CONFIG, config_json(models, ctx))
     (root / "labels.txt").write_text("".join(f"{label}\n" for label in ctx.labels), encoding="utf-8")
     layout.readme = _readme(models, ctx)
     return layout
 
 
 def _readme(models: list[DeployModel], ctx: LayoutContext) -> list[str]:
-    s = ctx.spec
     lines = [
         "OpenVINO Model Server layout", "",
         "Start the server on it (gRPC 9000, REST 8000):", "",
@@ -71,12 +66,10 @@ def _readme(models: list[DeployModel], ctx: LayoutContext) -> list[str]:
         "Models:",
     ]
     for m in models:
-        lines.append(f"  {model_name(ctx, m.variant):32s} {m.kind:9s} plugin_config {json.dumps(plugin_config(m))}")
+        lines.append(f"  {served_name(ctx, m.variant):32s} {m.kind:9s} plugin_config {json.dumps(plugin_config(m))}")
         lines += [f"      input  {tensor_summary(t)}" for t in m.inputs]
         lines += [f"      output {tensor_summary(t)}" for t in m.outputs]
-    lines += ["", "Input: " + ("raw RGB pixels (the model normalises them itself)." if ctx.folded else
-              f"resize shorter side to {s.resize}, centre crop {s.input_size}, /255, mean {list(s.mean)} "
-              f"std {list(s.std)}, {s.channel_order}, NCHW float32 (preprocess.json); class names in labels.txt.")]
+    lines += ["", input_note(ctx)]
     return lines
 
 

@@ -47,7 +47,7 @@ def _check(what: str, declared: ServedTensor | tuple, actual_name: str, actual_s
     if shape is not None and (len(actual) != len(shape)
                               or any(a != -1 and d != -1 and a != d for a, d in zip(actual, shape))):
         problems.append(f"dims {list(shape)} but the model has {list(actual)}")
-    if isinstance(declared, ServedTensor) and actual_dtype and declared.dtype != actual_dtype:
+    if isinstance(declared, ServedTensor) and declared.dtype and actual_dtype and declared.dtype != actual_dtype:
         problems.append(f"dtype {declared.dtype} but the model has {actual_dtype}")
     if problems:
         raise InputError(f"{what}: the config declares " + "; ".join(problems), "the server would refuse it: bundle again")
@@ -62,11 +62,12 @@ class _ServedOnnx(OnnxRuntimeRunner):
         super()._activate()
         i = self.session.get_inputs()[0]
         _check(f"{self.path} input", self.declared, i.name, i.shape, _ort_dtype(i.type))
+        self.feed_dtype = self.declared.dtype or _ort_dtype(i.type)   # nvinfer declares none: the model's
         for o, d in zip(self.session.get_outputs(), self.declared_out):
             _check(f"{self.path} output", d, o.name, o.shape, None)
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        out = self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=self.declared.dtype)})[0]
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=self.feed_dtype)})[0]
         return out.astype(np.float32, copy=False)
 
 
@@ -121,43 +122,33 @@ def open_openvino(xml: Path, declared: ServedTensor, outputs: list[tuple], prope
 
 
 def open_plan(path: Path, declared: ServedTensor, outputs: list[tuple]) -> Runner:
-    """A TensorRT plan through our TensorRT backend (needs TensorRT and the GPU it was built for)."""
+    """A TensorRT plan through our TensorRT backend, from the plan and the sidecar.json beside it (needs
+    TensorRT and the GPU it was built for; the backend refuses anything else with the reason)."""
     from rexport.pipeline.backends import get_backend
+    from rexport.pipeline.backends.sidecar import load_engine, read_sidecar
 
-    backend = get_backend("tensorrt")
-    reason = backend.unavailable_reason()
+    reason = get_backend("tensorrt").unavailable_reason()
     if reason:
         raise MissingDependency(f"cannot run {path} here: {reason}",
                                 "a TensorRT plan runs only with TensorRT on the GPU it was built for")
-    sidecar = path.parent.parent / "sidecar.json"
-    if not sidecar.is_file():
-        raise InputError(f"{sidecar} not found: the plan's build record is needed to load it", "bundle again")
-    import json
-    import shutil
-    import tempfile
-
-    # our loader reads an engine folder (plan + sidecar); give it one without touching the layout
-    tmp = Path(tempfile.mkdtemp(prefix="rexport-served-plan-"))
-    sc = json.loads(sidecar.read_text(encoding="utf-8"))
-    shutil.copy2(path, tmp / next(iter(sc["engine_files"])))
-    shutil.copy2(sidecar, tmp / "sidecar.json")
-    return backend.load(tmp)
+    io = read_sidecar(path.parent)["io"]
+    _check(f"{path} input", declared, io["inputs"][0]["name"], io["inputs"][0]["shape"], io["inputs"][0]["dtype"])
+    for o, d in zip(io["outputs"], outputs):
+        _check(f"{path} output", d, o["name"], o["shape"], None)
+    return load_engine(path.parent)
 
 
 # -- what the client (or the server's own preprocessing) feeds ------------------------------------
 
 def client_input(image: str | Path, spec, declared: ServedTensor, folded: bool) -> np.ndarray:
-    """One sample as a client of Triton/OVMS sends it: preprocess.json's preprocessing, or raw pixels
-    for a folded model, in the declared layout and dtype."""
-    if not folded and declared.dtype.startswith("float"):
-        x = spec.load_image(image)                       # CHW float32, normalised
-        return x.transpose(1, 2, 0) if declared.nhwc else x
-    from PIL import Image
+    """One sample as a client of Triton/OVMS sends it: preprocess.json's preprocessing, or the raw pixels
+    a folded model takes (HWC uint8 in its channel order), in the declared layout and dtype."""
+    if folded and not getattr(spec, "raw_pixels", False):
+        import dataclasses
 
-    with Image.open(image) as img:
-        img.load()
-        pixels = spec.crop(img)                          # HWC uint8 RGB
-    if spec.channel_order == "BGR":
-        pixels = pixels[..., ::-1]
-    x = pixels if declared.nhwc else pixels.transpose(2, 0, 1)
+        spec = dataclasses.replace(spec, raw_pixels=True)
+    x = spec.load_input(image)                  # CHW float32, or HWC uint8 for a folded model
+    pixels = x.ndim == 3 and x.dtype == np.uint8
+    if pixels != declared.nhwc:                 # the declared layout decides
+        x = x.transpose(2, 0, 1) if pixels else x.transpose(1, 2, 0)
     return np.ascontiguousarray(x).astype(declared.dtype)

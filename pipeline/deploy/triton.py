@@ -6,12 +6,11 @@ tritonclient's model_config_pb2). Names, dims and dtypes come from the served fi
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rexport.core.errors import InputError, MissingDependency
-from rexport.pipeline.deploy.common import (DeployModel, Layout, LayoutContext, copy_file, numbered_versions,
-                                            tensor_summary)
+from rexport.pipeline.deploy.common import (DeployModel, Layout, LayoutContext, copy_file, input_note,
+                                            numbered_versions, served_name, tensor_summary, write_json)
 
 REPOSITORY = "model_repository"
 PLATFORM = {"onnx": ("platform", "onnxruntime_onnx"), "tensorrt": ("platform", "tensorrt_plan"),
@@ -26,10 +25,6 @@ NUMPY_TYPE = {v: k for k, v in DATA_TYPE.items()}
 #: ParseParameters): it has no INFERENCE_PRECISION_HINT, only HINT_BF16=YES.
 OPENVINO_PARAMETERS = ("PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS", "HINT_BF16")
 LABELS = "labels.txt"
-
-
-def model_name(ctx: LayoutContext, variant: str) -> str:
-    return f"{ctx.name}_{variant}"
 
 
 def _dims(shape: tuple[int, ...], batched: bool) -> str:
@@ -55,7 +50,7 @@ def config_text(m: DeployModel, ctx: LayoutContext) -> str:
     """config.pbtxt for one variant (protobuf text of inference.ModelConfig)."""
     key, value = PLATFORM[m.kind]
     batched = m.batching.max_batch > 0
-    lines = [f'name: "{model_name(ctx, m.variant)}"', f'{key}: "{value}"', f"max_batch_size: {m.batching.max_batch}"]
+    lines = [f'name: "{served_name(ctx, m.variant)}"', f'{key}: "{value}"', f"max_batch_size: {m.batching.max_batch}"]
     lines.append("input [")
     lines.append(",\n".join(f'  {{\n    name: "{t.name}"\n    data_type: {_data_type(t.dtype, t.name)}\n'
                             f"    dims: [ {_dims(t.shape, batched)} ]\n  }}" for t in m.inputs))
@@ -83,12 +78,12 @@ def write(root: Path, models: list[DeployModel], ctx: LayoutContext) -> Layout:
     layout = Layout()
     repo = root / REPOSITORY
     for m in models:
-        name = model_name(ctx, m.variant)
+        name = served_name(ctx, m.variant)
         folder = repo / name
         for dst, src in m.files.items():
             copy_file(src, folder / "1" / dst)
-        if m.sidecar is not None:
-            (folder / "sidecar.json").write_text(json.dumps(m.sidecar, indent=2) + "\n", encoding="utf-8")
+        if m.sidecar is not None:   # beside the engine file: Triton ignores it, our loader reads the pair
+            write_json(folder / "1" / "sidecar.json", m.sidecar)
         (folder / LABELS).write_text("".join(f"{label}\n" for label in ctx.labels), encoding="utf-8")
         (folder / "config.pbtxt").write_text(config_text(m, ctx), encoding="utf-8")
         entry = {"kind": m.kind, "path": f"{REPOSITORY}/{name}", "config": f"{REPOSITORY}/{name}/config.pbtxt",
@@ -119,7 +114,9 @@ def _readme(models: list[DeployModel], ctx: LayoutContext, layout: Layout) -> li
         f"  docker run --rm {'--gpus=all ' if gpu else ''}-p8000:8000 -p8001:8001 -p8002:8002 "
         f"-v $PWD/{REPOSITORY}:/models nvcr.io/nvidia/tritonserver:{tag} tritonserver --model-repository=/models",
         "",
-        f"<yy.mm>: a Triton release; {'its TensorRT must be exactly ' + ', '.join(trt) + ' (the version that built the plan, in its sidecar.json runtime.tensorrt; see NVIDIA frameworks support matrix)' if trt else 'any recent one'}.",
+        "<yy.mm>: a Triton release; " + (f"its TensorRT must be exactly {', '.join(trt)}, the version that built "
+                                         "the plan (sidecar.json runtime.tensorrt; NVIDIA's frameworks support matrix "
+                                         "lists the TensorRT of each release)." if trt else "any recent one."),
         "Check it loaded: curl localhost:8000/v2/models/<model>/ready ; classify with the classification extension "
         "(class names come from labels.txt).", "",
         "Models:",
@@ -132,17 +129,9 @@ def _readme(models: list[DeployModel], ctx: LayoutContext, layout: Layout) -> li
         lines += [f"      output {tensor_summary(t)}" for t in m.outputs]
         if m.kind == "tensorrt":
             lines.append(f"      needs TensorRT {e.get('tensorrt')} and a GPU like {(m.sidecar or {}).get('device', {}).get('name')}")
-    lines += ["", _input_note(ctx)]
+    lines += ["", input_note(ctx)]
     lines += [f"warning: {w}" for m in models for w in _warnings(m)]
     return lines
-
-
-def _input_note(ctx: LayoutContext) -> str:
-    s = ctx.spec
-    if ctx.folded:
-        return "Input: raw RGB pixels (the model normalises them itself: exported with --fold-preprocessing)."
-    return (f"Input: the client preprocesses (preprocess.json): resize shorter side to {s.resize}, centre crop "
-            f"{s.input_size}, /255, mean {list(s.mean)} std {list(s.std)}, {s.channel_order}, NCHW float32.")
 
 
 # -- loading a model the way Triton does -------------------------------------------------------

@@ -22,9 +22,17 @@ the INT8 grid, and the classifier quantized (as NNCF does).
 from __future__ import annotations
 
 import dataclasses
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Mapping
 
-from rexport.core.errors import InputError
+import numpy as np
+
+from rexport.core.errors import CheckFailed, InputError
+from rexport.pipeline.quantization.float_parts import Int8FloatReport, convert_int8_float_fp16
+from rexport.pipeline.quantization.float_proof import FloatProof, prove_fp16_floats
+from rexport.pipeline.quantization.qdq_graph import QdqReport, insert_qdq
 from rexport.pipeline.quantization.qdq_plan import QdqSettings, tensors_to_calibrate
 
 TENSORRT_FORM = "int8"
@@ -58,3 +66,56 @@ def tensors_for_forms(fp32_path: Path, base: QdqSettings, forms: tuple[str, ...]
     for form in forms:
         names += tensors_to_calibrate(fp32_path, form_settings(base, form))
     return list(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class Int8Forms:
+    """What :func:`write_int8_forms` wrote: one Q/DQ report per form, and the TensorRT form's float parts."""
+
+    reports: dict[str, QdqReport]
+    #: the TensorRT form's float parts as written: "fp16" or "fp32"
+    int8_float: str
+    #: why FP16 float parts were asked for but FP32 written (None when not asked or kept)
+    fallback_reason: str | None = None
+    float_report: Int8FloatReport | None = None
+    proof: FloatProof | None = None
+    #: the FP32-float TensorRT form kept beside an FP16-float one (opset 17: TensorRT 8.x parses it)
+    fp32_float_path: Path | None = None
+
+
+def write_int8_forms(fp32_path: Path, ranges: Mapping[str, float], paths: Mapping[str, Path], base: QdqSettings, *,
+                     int8_float: str = "fp16", fp32_float_path: Path | None = None,
+                     proof_inputs: np.ndarray | None = None,
+                     labelled: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]] | None = None) -> Int8Forms:
+    """Write every form in ``paths`` ({variant: out path}) from one set of ``ranges``.
+
+    With ``int8_float="fp16"`` the TensorRT form's float parts go to FP16 and are kept only when
+    :func:`prove_fp16_floats` holds on ``proof_inputs`` (and the ``labelled`` batches); the FP32-float form
+    it is proved against stays at ``fp32_float_path``. Otherwise the TensorRT form has FP32 float parts
+    and the reason is returned."""
+    if int8_float not in INT8_FLOATS:
+        raise InputError(f"int8_float must be fp16 or fp32, not {int8_float!r}", "use --int8-float fp16 or fp32")
+    reports = {form: insert_qdq(fp32_path, ranges, Path(p) if form != TENSORRT_FORM or int8_float == "fp32"
+                                else Path(fp32_float_path), form_settings(base, form))
+               for form, p in paths.items()}
+    if TENSORRT_FORM not in paths or int8_float == "fp32":
+        return Int8Forms(reports=reports, int8_float="fp32" if TENSORRT_FORM in paths else int8_float)
+    ref, out = Path(fp32_float_path), Path(paths[TENSORRT_FORM])
+    float_report = proof = None
+    try:
+        float_report = convert_int8_float_fp16(ref, out)
+    except (InputError, CheckFailed) as e:
+        reason = f"FP16 float parts could not be written: {e}"
+    else:
+        if proof_inputs is None:
+            raise InputError("the FP16 float parts need validation inputs to be proved")
+        proof = prove_fp16_floats(out, ref, proof_inputs, labelled=labelled() if labelled else None)
+        reason = proof.reason
+    if reason is None:
+        reports[TENSORRT_FORM] = dataclasses.replace(reports[TENSORRT_FORM], path=out, size_bytes=out.stat().st_size)
+        return Int8Forms(reports=reports, int8_float="fp16", float_report=float_report, proof=proof,
+                         fp32_float_path=ref)
+    os.replace(ref, out)  # the FP32-float form becomes the TensorRT form
+    reports[TENSORRT_FORM] = dataclasses.replace(reports[TENSORRT_FORM], path=out)
+    return Int8Forms(reports=reports, int8_float="fp32", fallback_reason=reason, float_report=float_report,
+                     proof=proof)

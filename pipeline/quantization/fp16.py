@@ -64,12 +64,18 @@ def convert_fp16(fp32_path: Path, out_path: Path, *,
         warnings.simplefilter("ignore", UserWarning)
         fp16 = float16.convert_float_to_float16(
             model, min_positive_val=FP16_MIN_SUBNORMAL, max_finite_val=FP16_MAX, keep_io_types=True,
-            op_block_list=block)
+            op_block_list=block, node_block_list=folded_preprocessing_nodes(model))
     _unguard_blocked_outputs(fp16, guards)
     _restore_fp32_weights(fp16, kept_weights)
     set_metadata(fp16, metadata)
     path = write_checked(fp16, out_path)
     return FP16Report(path=path, size_bytes=path.stat().st_size, fp32_nodes=fp32_nodes, clamped_values=clamped)
+
+
+def folded_preprocessing_nodes(model: onnx.ModelProto) -> list[str]:
+    """The raw-pixel preprocessing in front of a folded model (pipeline/fold_preprocessing.py): kept in
+    FP32, where it is exact, like the FP32 input it replaces."""
+    return [n.name for n in model.graph.node if n.name.startswith("rexport_pre_")]
 
 
 _GUARD_SUFFIX = "__rexport_fp32_out"

@@ -23,11 +23,11 @@ def _weights(src: Sources) -> dict:
     s = ex.get("settings", {})
     seed = s.get("seed", 0)
     if src.random_weights:
-        return {"random_init": True, "seed": seed, "path": None, "sha256": None,
+        return {"random_weights": True, "seed": seed, "path": None, "sha256": None,
                 "text": f"random init (seed {seed}): accuracy numbers are meaningless"}
     inp = ex.get("inputs", {}).get("weights") or ex.get("inputs", {}).get("onnx") or {}  # onnx: imported
     path, sha = inp.get("path") or s.get("weights"), inp.get("sha256")
-    return {"random_init": False, "seed": None, "path": path, "sha256": sha,
+    return {"random_weights": False, "seed": None, "path": path, "sha256": sha,
             "text": f"{path} (sha256 {sha or 'not recorded'})"}
 
 
@@ -104,7 +104,7 @@ def _integrity_warnings(src: Sources) -> list[str]:
 
 def _warnings(src: Sources, rows: list[dict], weights: dict, calibration: dict | None) -> list[str]:
     w = []
-    if weights["random_init"]:
+    if weights["random_weights"]:
         w.append(weights["text"])
     if calibration and calibration.get("warning"):
         w.append(calibration["warning"])
@@ -131,7 +131,7 @@ def _warnings(src: Sources, rows: list[dict], weights: dict, calibration: dict |
                 w.append(f"bench {r['variant']} @b{r['batch']}: p50 not stable within "
                          f"{src.bench.get('settings', {}).get('stability', 0.05):.0%} after "
                          f"{r.get('timed_s')} s: treat this latency with care")
-    if src.evaluate and weights["random_init"]:
+    if src.evaluate and weights["random_weights"]:
         w.append("accuracy was evaluated on a randomly initialised model: it says nothing about the real model")
     w += src.problems
     w += _integrity_warnings(src)
@@ -162,14 +162,14 @@ def build_report(run: RunDir) -> dict:
         "command": src.manifest.get("command"),
         "environment": env,
         "weights": weights,
-        "calibration data": calibration,
+        "calibration": calibration,
         "warnings": _warnings(src, rows, weights, calibration),
         "skipped": _skipped(src, rows),
         "latency_definition": (src.bench or {}).get("latency_definition")
         or f"{LATENCY_DEFINITION} (no bench results: not measured)",
         "throughput_definition": (src.bench or {}).get("throughput_definition"),
         "speedup_definition": (src.bench or {}).get("speedup_definition"),
-        "size_definition": "MB = 10^6 bytes of the ONNX file or the engine files; '-' for the PyTorch model",
+        "size_definition": "MiB = 2^20 bytes of the ONNX file or the engine files; '-' for the PyTorch model",
         "rows": rows,
         "table": {"columns": [h for _, h in cols] + ["notes"], "keys": [k for k, _ in cols] + ["notes"],
                   "rows": [_display_cells(r, cols) for r in rows]},

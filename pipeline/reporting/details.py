@@ -38,11 +38,11 @@ def _details(report: dict) -> list[tuple[str, list[str], list[list[str]], list[s
                                                       "check"], rows))
     if report.get("evaluation"):
         rows = [[v, fmt("top1", d.get("top1")), fmt("top5", d.get("top5")), str(d.get("n")),
-                 fmt("drop_top1_vs_fp32", d.get("drop_top1_vs_fp32")),
-                 fmt("top1_agreement", d.get("agreement_top1_vs_fp32")),
+                 fmt("drop_top1_vs_reference", d.get("drop_top1_vs_reference")),
+                 fmt("top1_agreement", d.get("agreement_top1_vs_reference")),
                  str((d.get("dataset") or {}).get("source"))] for v, d in report["evaluation"].items()]
-        out.append(("Accuracy", ["variant", "top-1", "top-5", "images", "top-1 drop vs FP32",
-                                 "top-1 agree vs FP32", "dataset"], rows))
+        out.append(("Accuracy", ["variant", "top-1", "top-5", "images", "top-1 drop vs reference",
+                                 "top-1 agree vs reference", "dataset"], rows))
     if report.get("per_layer_int8"):
         rows = [[str(d.get("layer")), str(d.get("tensor")), fmt("rel_error", d.get("rel_error")),
                  fmt("cosine", d.get("cosine"))] for d in report["per_layer_int8"]]
@@ -61,7 +61,7 @@ def _facts(report: dict) -> list[tuple[str, str]]:
     env = report["environment"]
     cpu, gpu = env.get("cpu") or {}, env.get("gpu")
     versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items())
-    cal = report["calibration data"]
+    cal = report["calibration"]
     load = env.get("load_average") or {}
     busy = f"; load average {load.get('before')} at bench start" if load.get("before") is not None else ""
     isa = ", ".join(cpu.get("isa") or []) or "no ISA flags"

@@ -12,12 +12,12 @@ PREFERRED_THROUGHPUT_BATCH = 8
 _PERCENT = "{:.2%}".format
 _SCI = "{:.3e}".format
 FORMATS: dict[str, Callable[[Any], str]] = {
-    "size_mb": "{:.1f}".format,
+    "size_mib": "{:.1f}".format,
     "max_abs": _SCI, "max_rel": _SCI, "rel_to_range": _SCI, "rel_error": _SCI,
     "cosine_min": "{:.6f}".format, "cosine_mean": "{:.6f}".format, "cosine": "{:.6f}".format,
     "top1_agreement": _PERCENT, "top5_agreement": _PERCENT,
     "accuracy_top1": _PERCENT, "accuracy_top5": _PERCENT, "top1": _PERCENT, "top5": _PERCENT,
-    "drop_top1_vs_fp32": lambda v: f"{v * 100:+.2f} pp",
+    "drop_top1_vs_reference": lambda v: f"{v * 100:+.2f} pp",
     "p50_ms": "{:.3f}".format, "p90_ms": "{:.3f}".format, "p99_ms": "{:.3f}".format,
     "mean_ms": "{:.3f}".format, "std_ms": "{:.3f}".format, "min_ms": "{:.3f}".format,
     "images_per_s": "{:.1f}".format, "speedup_vs_pytorch": "{:.2f}x".format,

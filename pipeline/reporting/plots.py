@@ -33,7 +33,7 @@ def plot_accuracy_latency(report: dict) -> tuple[str | None, str]:
     lat_b = rows[0]["latency_batch"]
     if any(r["accuracy_top1"] is not None for r in rows):
         key, label = "accuracy_top1", "top-1 accuracy"
-        if report["weights"]["random_init"]:
+        if report["weights"]["random_weights"]:
             label += " (random weights: meaningless)"
     else:
         key, label = "top1_agreement", "top-1 agreement with PyTorch FP32 (not accuracy: nothing evaluated)"

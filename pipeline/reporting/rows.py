@@ -21,15 +21,15 @@ def _skipped_variants(src: Sources, present: set[str]) -> dict[str, dict]:
     return out
 
 
-def _size_mb(run: RunDir, variant: str, sidecar: dict | None) -> float | None:
+def _size_mib(run: RunDir, variant: str, sidecar: dict | None) -> float | None:
     if variant in VARIANT_FILES:
         p = run.file(VARIANT_FILES[variant])
-        return p.stat().st_size / 1e6 if p.is_file() else None
+        return p.stat().st_size / 2**20 if p.is_file() else None
     if sidecar is not None:
         d = run.path / "engines" / variant
         files = [d / f for f in sidecar.get("engine_files", {})]
         if files and all(f.is_file() for f in files):
-            return sum(f.stat().st_size for f in files) / 1e6
+            return sum(f.stat().st_size for f in files) / 2**20
     return None
 
 
@@ -70,11 +70,11 @@ def rows_of(src: Sources) -> list[dict]:
         row: dict[str, Any] = {
             "variant": variant, "backend": backend, "backend_name": BACKEND_NAMES.get(backend, backend),
             "precision": precision, "status": "ok", "reason": None,
-            "size_mb": _size_mb(run, variant, sidecar),
+            "size_mib": _size_mib(run, variant, sidecar),
             "max_abs": None, "max_rel": None, "rel_to_range": None, "cosine_min": None,
             "top1_agreement": None, "top5_agreement": None, "validation": None, "validation_failures": [],
             "against_source": None, "accuracy_top1": None, "accuracy_top5": None, "eval_n": None,
-            "drop_top1_vs_fp32": None, "latency_batch": lat_b, "p50_ms": None, "p90_ms": None, "p99_ms": None,
+            "drop_top1_vs_reference": None, "latency_batch": lat_b, "p50_ms": None, "p90_ms": None, "p99_ms": None,
             "throughput_batch": thr_b, "images_per_s": None, "speedup_vs_pytorch": None,
             "bench": {str(b): {k: r.get(k) for k in ("status", "reason", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
                                                      "images_per_s", "speedup_vs_pytorch")}
@@ -104,7 +104,7 @@ def rows_of(src: Sources) -> list[dict]:
                 row["notes"].append("numerics FAIL: " + "; ".join(row["validation_failures"] or ["see validate"]))
         if ev is not None:
             row.update(accuracy_top1=ev.get("top1"), accuracy_top5=ev.get("top5"), eval_n=ev.get("n"),
-                       drop_top1_vs_fp32=ev.get("drop_top1_vs_fp32"))
+                       drop_top1_vs_reference=ev.get("drop_top1_vs_reference"))
         lr, tr = by_batch.get(lat_b), by_batch.get(thr_b)
         if lr and lr.get("status") == "ok":
             row.update(p50_ms=lr.get("p50_ms"), p90_ms=lr.get("p90_ms"), p99_ms=lr.get("p99_ms"),

@@ -7,7 +7,7 @@ from rexport.pipeline.reporting.formatting import FORMATS, PREFERRED_LATENCY_BAT
 def _columns(rows: list[dict], *, full: bool) -> list[tuple[str, str]]:
     lat_b = next((r["latency_batch"] for r in rows if r.get("latency_batch")), PREFERRED_LATENCY_BATCH)
     thr_b = next((r["throughput_batch"] for r in rows if r.get("throughput_batch")), PREFERRED_THROUGHPUT_BATCH)
-    cols = [("variant", "variant"), ("backend", "backend"), ("precision", "precision"), ("size_mb", "size MB"),
+    cols = [("variant", "variant"), ("backend", "backend"), ("precision", "precision"), ("size_mib", "size MiB"),
             ("max_abs", "max err vs FP32")]
     if full:
         cols += [("rel_to_range", "err / logit range"), ("cosine_min", "cosine min")]

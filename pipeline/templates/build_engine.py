@@ -6,8 +6,8 @@
                             [--dla-core N] [--version-compatible] [--hardware-compatible] [--int8-float fp16|fp32]
 
 Needs numpy, TensorRT's Python bindings (JetPack: apt install python3-libnvinfer) and polygraphy's CUDA
-wrapper (pip install polygraphy); not rexport or torch. All TensorRT work is in trt_engine.py beside
-this file, the same module rexport's backend uses, so this builds what 'rexport build' builds and writes
+wrapper (pip install polygraphy); not rexport or torch. All TensorRT work is in trt_engine/ beside
+this file, the same package rexport's backend uses, so this builds what 'rexport build' builds and writes
 the same engine folder (model.plan + sidecar.json) that run_engine.py and rexport load.
 """
 from __future__ import annotations
@@ -48,21 +48,22 @@ def build(args) -> Path:
         workspace_mib=args.workspace, timing_cache=args.timing_cache, builder_opt_level=args.builder_opt_level,
         legacy=args.legacy, dla_core=args.dla_core, version_compatible=args.version_compatible,
         hardware_compatible=args.hardware_compatible, int8_float=args.int8_float)
-    version = trt_engine.import_tensorrt().__version__
+    version = trt_engine.tensorrt_version()
     path = trt_engine.choose_build_path(version, spec.legacy)
     variant = trt_engine.source_variant_for(spec.precision, path)
     onnx_path = Path(args.onnx) if args.onnx else HERE / "models" / f"model.{variant}.onnx"
     if not onnx_path.is_file():
         raise trt_engine.TrtError(f"{onnx_path} not found: TensorRT {version} builds {spec.precision} ({path}) "
                                   f"from model.{variant}.onnx", "make the bundle with that variant")
-    cache = find_calibration_cache(args.calibration_cache) if "INT8" in trt_engine.builder_flags_for(
-        spec.precision, path, spec.int8_float) else None
+    cache = find_calibration_cache(args.calibration_cache) if spec.precision == "int8" and \
+        path == trt_engine.WEAK_TYPED else None
+    intent = trt_engine.read_layer_intent(cache) if cache else None    # the INT8 file's per-layer precisions
     device = trt_engine.cuda_device()
     print(f"building {spec.precision} ({path}, TensorRT {version}) from {onnx_path.name} on {device['name']} ...",
           file=sys.stderr, flush=True)
     result = trt_engine.build_engine(onnx_path, spec, device,
                                      calibration_cache=cache.read_bytes() if cache and cache.is_file() else None,
-                                     cache_name=cache.name if cache else None,
+                                     cache_name=cache.name if cache else None, intent_doc=intent,
                                      log=lambda m: print(m, file=sys.stderr, flush=True))
     out_dir = Path(args.out) if args.out else HERE / "engines" / f"tensorrt-{spec.precision}"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -101,8 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dla-core", type=int, help="build for this DLA core (Jetson), GPU fallback on")
     ap.add_argument("--version-compatible", action="store_true", help="plan for later TensorRT versions (8.6+)")
     ap.add_argument("--hardware-compatible", action="store_true", help="plan for all Ampere+ GPUs (8.6+)")
-    ap.add_argument("--int8-float", choices=trt_engine.FLOAT_PARTS, default="fp16",
-                    help="weak-typed INT8: precision of the layers the INT8 file keeps in float")
+    ap.add_argument("--int8-float", choices=trt_engine.FLOAT_PARTS,
+                    help="weak-typed INT8: precision of the layers the INT8 file keeps in float "
+                         "(default: the file's, from the layer intent beside the cache)")
     ap.add_argument("--cuda-graphs", action="store_true", help="record the engine's enqueue as a CUDA graph at load")
     ap.add_argument("--calibration-cache", help="TensorRT calibration cache for weak-typed INT8")
     args = ap.parse_args(argv)

@@ -5,7 +5,7 @@ folder or a TensorRT engine folder / .plan file.
     python run_engine.py MODEL_PATH IMAGE... [--topk 5] [--json]
 
 Needs only numpy, pillow and the runtime of the model you pass (onnxruntime, openvino, or tensorrt
-with polygraphy's CUDA wrapper through trt_engine.py beside this file; imported when needed); it does
+with polygraphy's CUDA wrapper through trt_engine/ beside this file; imported when needed); it does
 not need rexport or torch. Images are preprocessed
 exactly as rexport does (rexport/core/preprocess.py) using preprocess.json: shorter side resized
 with PIL, centre crop, /255, mean/std per channel, NCHW float32; any image mode (16-bit grey,
@@ -49,7 +49,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def preprocess(img: Image.Image, spec: dict) -> np.ndarray:
-    """One image as a CHW float32 array."""
+    """One image as a CHW float32 array (HWC uint8 pixels for a folded-preprocessing engine)."""
     size, resize = int(spec["input_size"]), int(spec["resize"])
     img = to_rgb(img)
     w, h = img.size
@@ -60,6 +60,9 @@ def preprocess(img: Image.Image, spec: dict) -> np.ndarray:
     img = img.resize((nw, nh), _RESAMPLE[spec.get("interpolation", "bilinear")])
     left, top = (nw - size) // 2, (nh - size) // 2
     img = img.crop((left, top, left + size, top + size))
+    if spec.get("raw_pixels"):  # folded preprocessing: the engine takes the HWC uint8 pixels themselves
+        px = np.asarray(img, dtype=np.uint8)
+        return np.ascontiguousarray(px[..., ::-1] if spec.get("channel_order", "RGB") == "BGR" else px)
     x = np.asarray(img, dtype=np.float32) / 255.0
     if spec.get("channel_order", "RGB") == "BGR":
         x = x[..., ::-1]
@@ -129,7 +132,7 @@ class OpenVINOModel:
 
 
 class TensorRTModel:
-    """A TensorRT plan through trt_engine.EngineRunner (beside this file: the same module rexport uses)."""
+    """A TensorRT plan through trt_engine.EngineRunner (beside this file: the same package rexport uses)."""
 
     def __init__(self, plan: Path, sidecar: dict | None) -> None:
         sys.path.insert(0, str(HERE))
@@ -138,10 +141,10 @@ class TensorRTModel:
         except ImportError:     # run from rexport's source tree instead of a bundle
             from rexport.pipeline.backends import trt_engine
         try:
-            trt = trt_engine.import_tensorrt()
+            version = trt_engine.tensorrt_version()
             if sidecar:
                 device = trt_engine.cuda_device()
-                here = {"tensorrt": trt.__version__, "gpu": device["name"],
+                here = {"tensorrt": version, "gpu": device["name"],
                         "compute_capability": device["compute_capability"]}
                 problems = trt_engine.compat_problems(sidecar, here)
                 if problems:
@@ -151,7 +154,7 @@ class TensorRTModel:
         except trt_engine.TrtError as e:
             raise UsageError(f"{e}" + (f" ({e.hint})" if e.hint else "")) from None
         self.min_batch = self.runner.min_batch
-        self.description = f"tensorrt {trt.__version__}"
+        self.description = f"tensorrt {version}"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.runner.infer(x)

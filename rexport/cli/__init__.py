@@ -35,6 +35,7 @@ def cli(ctx: click.Context, debug: bool, verbose: bool, as_json: bool, quiet: bo
 # (module under rexport.cli, command function): one line per command; add yours here.
 COMMANDS = [
     ("export", "export"),
+    ("import_cmd", "import_cmd"),
     ("validate", "validate"),
     ("quantize", "quantize"),
     ("build", "build"),
@@ -44,6 +45,7 @@ COMMANDS = [
     ("run", "run_cmd"),
     ("infer", "infer"),
     ("bundle", "bundle"),
+    ("matrix", "matrix"),
 ]
 
 

@@ -28,7 +28,11 @@ def bench(c: Ctx, out, **kwargs):
     results = json.loads(run.file("bench/results.json").read_text())
     for r in results["rows"]:
         if r.get("status") == "ok":
-            c.line(f"  {r['variant']:<16} b{r['batch']:<3} p50 {r['p50_ms']:8.2f} ms  {r['images_per_s']:8.1f} img/s")
+            gpu = r.get("gpu_compute_ms")    # TensorRT: printed only when CUDA events measured it
+            extra = f"  GPU compute p50 {gpu['p50_ms']:.3f} ms" if isinstance(gpu, dict) else ""
+            extra += f"  CUDA graphs {r['cuda_graphs']}" if r.get("cuda_graphs") is not None else ""
+            c.line(f"  {r['variant']:<16} b{r['batch']:<3} p50 {r['p50_ms']:8.2f} ms  {r['images_per_s']:8.1f} img/s"
+                   + extra)
         else:
             c.line(f"  {r['variant']:<16} b{r.get('batch', '-')!s:<3} {r.get('status')}: {r.get('reason')}")
     c.emit(results)

@@ -1,16 +1,16 @@
 """What every command module shares: the context object, option helpers, opening a run directory."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
+import shutil
 import sys
+from typing import Callable, Iterator
 
 import click
 
 from rexport.core.errors import InputError
-
-MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d")
-
 
 class Ctx:
     def __init__(self, debug: bool, verbose: bool, as_json: bool, quiet: bool) -> None:
@@ -53,6 +53,19 @@ def open_run(out: str | None, model: str = "resnet18", *, must_exist: bool = Tru
     return run
 
 
+@contextlib.contextmanager
+def new_run_guard(run, made: Callable[[], bool] = lambda: False) -> Iterator[None]:
+    """Leave nothing behind for a command that created ``run`` and failed before ``made()`` (e.g. the
+    model was exported): a half-made run directory would look like a run."""
+    created = not run.path.exists()
+    try:
+        yield
+    except BaseException:
+        if created and not made():
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
+
+
 #: the run directory the current command writes to: main() logs a failure's traceback to its run.log
 current_run = None
 
@@ -61,17 +74,12 @@ def log_command(run) -> None:
     global current_run
     current_run = run
     run.log("$ rexport " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    ctx = click.get_current_context(silent=True)
+    config = ctx.meta.get("rexport.config") if ctx is not None else None
+    if config:  # the stage records its effective settings; the log says where they came from
+        run.log(f"config: {config['path']} (sha256 {config['sha256'][:12]}, keys: {', '.join(config['keys'])})")
 
 
 def out_option(f):
     return click.option("--out", "out", type=click.Path(file_okay=False), default=None,
                         help="Run directory (default artifacts/<model>, model default resnet18).")(f)
-
-
-def floats3(ctx, param, value):
-    if value is None:
-        return None
-    vals = csv_list(float)(ctx, param, value)
-    if len(vals) != 3:
-        raise click.BadParameter("takes three comma-separated values, e.g. 0.485,0.456,0.406")
-    return vals

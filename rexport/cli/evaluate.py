@@ -44,9 +44,9 @@ def evaluate(c: Ctx, variants, force, out, ray, **kwargs):
     for r in recs:
         c.stage(f"evaluate:{r['variant']}", r)
         res = json.loads(run.file(f"eval/{r['variant']}.json").read_text())
-        drop = res["drop_top1_vs_fp32"]
+        drop = res["drop_top1_vs_reference"]
         c.line(f"  {r['variant']}: top-1 {res['top1']:.2%}, top-5 {res['top5']:.2%} on {res['n']} images"
-               + (f", drop vs FP32 {drop * 100:+.2f} pt" if drop is not None and r['variant'] != 'pytorch' else ""))
+               + (f", drop vs {res.get('reference') or 'reference'} {drop * 100:+.2f} pt" if drop is not None and r['variant'] != 'pytorch' else ""))
         info = (r.get("summary") or {}).get("ray")
         if info and not r.get("reused") and not said_ray:  # one pass for every variant: say it once
             said_ray = True

@@ -155,8 +155,12 @@ def run_options(stages):
     return deco
 
 
-def run_values(stages, kwargs: dict) -> dict[str, dict]:
-    """stage -> {field: value} from ``run``'s kwargs (popped); fields left at None are omitted."""
+def run_values(stages, kwargs: dict, ctx: click.Context | None = None) -> dict[str, dict]:
+    """stage -> {field: value} from ``run``'s kwargs (popped): only what the user gave, on the command
+    line or in a config file (with ``ctx``, click's ParameterSource tells; a default is left out, so
+    the stage's own default, or run's choice such as real images for validation, applies)."""
+    from click.core import ParameterSource
+
     names = run_names(stages)
     out: dict[str, dict] = {stage: {} for stage, *_ in stages}
     for stage, cls, *_ in stages:
@@ -164,7 +168,10 @@ def run_values(stages, kwargs: dict) -> dict[str, dict]:
             name = names.get((stage, spec.field))
             if name is None:
                 continue
-            v = value_of(spec, kwargs.pop(name.replace("-", "_")))
-            if v is not None and not (spec.multiple and v == () and spec.default is None):
+            param = name.replace("-", "_")
+            v = value_of(spec, kwargs.pop(param))
+            if ctx is not None and ctx.get_parameter_source(param) in (ParameterSource.DEFAULT, None):
+                continue
+            if v is not None:
                 out[stage][spec.field] = v
     return out

@@ -32,5 +32,21 @@ def quantize(c: Ctx, no_progress, force, out, **kwargs):
                f"{' (cache reused)' if cal.get('reused') else ''}")
         if cal.get("synthetic"):
             c.line("  warning: synthetic calibration data: INT8 ranges are not representative of real images")
-    c.line(f"wrote {run.file(f'onnx/model.{precision}.onnx')}")
+    summary = rec.get("summary", {})
+    for form, info in (summary.get("forms") or {}).items():  # int8: both INT8 forms, one calibration
+        floats = f", float parts {summary.get('int8_float')}" if form == "int8" else ""
+        c.line(f"wrote {run.file(info['file'])} ({info['target']} form{floats})")
+    if summary.get("int8_float_fallback_reason"):
+        c.line(f"  note: {summary['int8_float_fallback_reason']}; wrote FP32 float parts")
+    if not summary.get("forms"):
+        c.line(f"wrote {run.file(f'onnx/model.{precision}.onnx')}")
+    if summary.get("budget"):
+        from rexport.pipeline.budget import budget_lines
+
+        for text in budget_lines(summary["budget"]):
+            c.line(f"  {text}")
     c.emit(rec)
+    if rec.get("status") == "failed":  # an INT8 budget not met: the best files are kept, marked in the manifest
+        from rexport.core.errors import CheckFailed
+
+        raise CheckFailed(rec.get("reason") or "quantize check failed")

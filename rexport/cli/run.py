@@ -3,12 +3,12 @@ the stage settings dataclasses (pipeline.run.run_stages), so they match the stag
 from __future__ import annotations
 
 import shlex
-import shutil
 import sys
+from pathlib import Path
 
 import click
 
-from rexport.cli.common import Ctx, log_command, open_run, out_option
+from rexport.cli.common import Ctx, log_command, new_run_guard, open_run, out_option
 from rexport.cli.config import sources, to_toml
 from rexport.cli.options import run_names, run_options, run_values
 from rexport.core.errors import CheckFailed
@@ -46,32 +46,29 @@ def run_cmd(ctx: click.Context, print_config, out, **kwargs):
     from rexport.pipeline.run import RunSettings, run_all, run_notes
 
     c: Ctx = ctx.obj
-    values = run_values(STAGES, kwargs)
+    values = run_values(STAGES, kwargs, ctx)
     command = "rexport " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     settings = RunSettings(values=values, command=command, progress=not (c.quiet or c.json))
     effective = settings.effective()  # checks every setting: a bad one is exit 2 before any work
     flat = flat_settings(effective)
-    model = effective["export"]["model"]
+    onnx = effective["export"].get("onnx")  # --onnx FILE: the run starts from an imported file
+    model = Path(onnx).stem if onnx else effective["export"]["model"]
     if print_config:
         click.echo(to_toml({"out": out, **flat}, header=[f"rexport run --config FILE  (written by: {command})",
                                                          "keys are run's long option names; flags win"]), nl=False)
         return
     record = {"settings": flat, "config": ctx.meta.get("rexport.config"), "sources": sources(ctx)}
     run = open_run(out, model, must_exist=False)
-    created = not run.path.exists()
-    try:
-        with run.locked():
-            log_command(run)
-            outcome = run_all(run, settings, c.stage, record=record)
-    except BaseException:
-        if created and (run.stage("export") or {}).get("status") != "ok":
-            shutil.rmtree(run.path, ignore_errors=True)  # nothing usable was made: leave nothing behind
-        raise
+    made = lambda: run.exists() and (run.stage("export") or run.stage("import") or {}).get("status") == "ok"  # noqa: E731
+    with new_run_guard(run, made=made), run.locked():  # nothing usable made: leave nothing behind
+        log_command(run)
+        outcome = run_all(run, settings, c.stage, record=record)
     say = (lambda text: None) if c.json else click.echo   # the summary shows even with -q
     say("")
     say(format_table(summary_rows(run)))
-    for note in run_notes(run, weights=effective["export"]["weights"], calib_data=effective["quantize"]["calib_data"],
-                          precisions=effective["run"]["precisions"], val_data=effective["evaluate"].get("val_data")):
+    for note in run_notes(run, weights=effective["export"]["weights"] or onnx,
+                          calib_data=effective["quantize"]["calib_data"], precisions=effective["run"]["precisions"],
+                          val_data=effective["evaluate"].get("val_data")):
         say(f"note: {note}")
     say(f"report: {run.file('report/report.html')}  ({outcome['seconds']:.0f} s)")
     c.emit({"failed": outcome["failed"], "report": str(run.file("report/report.json"))})

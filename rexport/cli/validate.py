@@ -5,34 +5,24 @@ import json
 
 import click
 
-from rexport.core.errors import CheckFailed, InputError
-from rexport.cli.common import Ctx, csv_list, open_run, log_command, out_option
+from rexport.cli.common import Ctx, open_run, log_command, out_option
+from rexport.cli.options import settings_from_kwargs, settings_options
+from rexport.core.errors import CheckFailed
+from rexport.pipeline.validate import ValidateSettings
 
 
 @click.command()
 @click.option("--variant", "variants", multiple=True, help="Variant(s) to check (default: every one present).")
 @click.option("--onnx", "onnx_file", type=str, default=None, help="Check this ONNX file instead of a run variant.")
-X
-@click.option("--samples", type=int, default=16, show_default=True)
-@click.option("--batch-sizes", callback=csv_list(int), default="1,8", show_default=True)
-@click.option("--tol", "tols", multiple=True,
-              help="Override a tolerance: NAME=V for every precision, PRECISION.NAME=V for one "
-                   "(e.g. --tol int8.cosine_min=0.97).")
+@settings_options(ValidateSettings)
 @click.option("--force", is_flag=True)
 @out_option
 @click.pass_obj
-def validate(c: Ctx, variants, onnx_file, data, samples, batch_sizes, tols, force, out):
+def validate(c: Ctx, variants, onnx_file, force, out, **kwargs):
     """Compare variants with the PyTorch FP32 reference (exit 1 when out of tolerance)."""
-    from rexport.pipeline.validate import ValidateSettings, run_validate, validate_onnx_file
+    from rexport.pipeline.validate import run_validate, validate_onnx_file
 
-    overrides = {}
-    for t in tols:
-        name, sep, value = t.partition("=")
-        try:
-            overrides[name.strip()] = float(value)
-        except ValueError:
-            raise InputError(f"bad --tol {t!r}", "use [PRECISION.]NAME=NUMBER, e.g. --tol int8.cosine_min=0.97") from None
-    settings = ValidateSettings(data=data, samples=samples, batch_sizes=batch_sizes, tolerances=overrides)
+    settings = settings_from_kwargs(ValidateSettings, kwargs)
     run = open_run(out)
     if onnx_file:
         res = validate_onnx_file(onnx_file, run, settings)

@@ -32,6 +32,9 @@ class PreprocessSpec:
     channel_order: str = "RGB"
     interpolation: str = "bilinear"
     labels: tuple[str, ...] | None = field(default=None)
+    #: folded preprocessing: the model's graph takes uint8 NHWC pixels in ``channel_order``, at the input
+    #: size, and does the scaling, mean/std and layout itself (resize and crop stay outside)
+    raw_pixels: bool = False
 
     def __post_init__(self) -> None:
         if self.input_size < 1 or self.resize < self.input_size:
@@ -53,6 +56,8 @@ class PreprocessSpec:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         d["labels"] = list(self.labels) if self.labels is not None else None
+        if not self.raw_pixels:  # said only where it holds, so float-input records stay as they were
+            d.pop("raw_pixels")
         return d
 
     @classmethod
@@ -98,6 +103,44 @@ class PreprocessSpec:
                       f"resize {spec.resize}, crop {size}; run 'rexport import --onnx {path}' with the model's "
                       "real preprocessing to set it")
         return spec
+
+    # -- raw pixels (folded preprocessing) ---------------------------------------------------
+
+    def from_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 NHWC pixels (in ``channel_order``) -> normalised float32 NCHW, with exactly the
+        arithmetic of ``preprocess`` (so the float path and a folded graph see the same numbers)."""
+        x = np.asarray(pixels, dtype=np.uint8).astype(np.float32) / 255.0
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+
+    def to_pixels(self, x: np.ndarray) -> np.ndarray:
+        """Normalised float NCHW -> uint8 NHWC pixels: the exact inverse of ``from_pixels`` for
+        decoded images; other values are rounded to the nearest pixel level and clipped."""
+        x = np.asarray(x, dtype=np.float64).transpose(0, 2, 3, 1)
+        p = (x * np.asarray(self.std) + np.asarray(self.mean)) * 255.0
+        return np.ascontiguousarray(np.clip(np.rint(p), 0, 255).astype(np.uint8))
+
+    def model_input(self, x: np.ndarray) -> np.ndarray:
+        """What the model's graph takes from a batch: raw pixels for a folded model (a uint8 batch is
+        passed as it is), else float32 NCHW."""
+        if not self.raw_pixels:
+            return np.ascontiguousarray(x, dtype=np.float32)
+        return np.ascontiguousarray(x) if x.dtype == np.uint8 else self.to_pixels(x)
+
+    def on_pixel_grid(self, x: np.ndarray) -> np.ndarray:
+        """For a folded model, ``x`` moved to the nearest values a decoded image can give, so the
+        float path and the raw-pixel graph are fed the same image (seeded noise in validation)."""
+        return self.from_pixels(self.to_pixels(x)) if self.raw_pixels else x
+
+    def load_input(self, path: str | os.PathLike) -> np.ndarray:
+        """One image as the model takes it: HWC uint8 pixels in ``channel_order`` for a folded
+        model, else a CHW float32 array (``load_image``)."""
+        if not self.raw_pixels:
+            return self.load_image(path)
+        with Image.open(path) as img:
+            img.load()
+            px = self.crop(img)
+        return np.ascontiguousarray(px[..., ::-1] if self.channel_order == "BGR" else px)
 
     # -- images -------------------------------------------------------------------------
 

@@ -12,13 +12,13 @@ NUM_BINS = 2048
 SAMPLES = 32
 
 
-def export_model(path: Path) -> Path:
+def export_model(path: Path, seed: int = 0) -> Path:
     """ResNet-18, 10 classes, seeded weights, 64x64 input."""
     import torch
 
     from rexport.models.resnet import resnet18
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = resnet18(num_classes=10).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,23 +22,15 @@ from rexport.core.errors import InputError
 from rexport.core.fsio import sha256_file
 from rexport.core.preprocess import PreprocessSpec
 
+sys.path.insert(0, str(Path(__file__).parent))
+from reference_case import export_model  # noqa: E402
+
 SPEC = PreprocessSpec(input_size=64, resize=73)
 SAMPLES = 24
 
 
 def _export(path: Path, seed: int) -> Path:
-    import torch
-
-    from rexport.models.resnet import resnet18
-
-    torch.manual_seed(seed)
-    model = resnet18(num_classes=10).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), str(path), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    return path
+    return export_model(path, seed)
 
 
 @pytest.fixture(scope="module")

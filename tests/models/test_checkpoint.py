@@ -39,7 +39,7 @@ def assert_loaded(loaded: LoadedModel, source: dict[str, torch.Tensor], path: Pa
     assert all(torch.equal(state[k], source[k]) for k in source)
     assert loaded.num_classes == 10
     assert loaded.model.training is False
-    assert loaded.random_init is False and loaded.seed is None
+    assert loaded.random_weights is False and loaded.seed is None
     if path is not None:
         assert loaded.weights_path == os.path.abspath(path)
         assert loaded.weights_sha256 == sha256_file(path)
@@ -110,7 +110,7 @@ def test_num_classes_inferred_from_head(tmp_path, source):
 
 # --- random init ------------------------------------------------------------------------------
 
-def test_random_init_is_seeded_and_leaves_global_rng_alone():
+def test_random_weights_is_seeded_and_leaves_global_rng_alone():
     torch.manual_seed(99)
     expected_next = torch.rand(3)
     torch.manual_seed(99)
@@ -124,11 +124,11 @@ def test_random_init_is_seeded_and_leaves_global_rng_alone():
     for k, v in direct.state_dict().items():
         assert torch.equal(a.model.state_dict()[k], v) and torch.equal(b.model.state_dict()[k], v)
     assert not torch.equal(a.model.conv1.weight, c.model.conv1.weight)
-    assert (a.random_init, a.seed, a.weights_path, a.weights_sha256) == (True, 5, None, None)
+    assert (a.random_weights, a.seed, a.weights_path, a.weights_sha256) == (True, 5, None, None)
     assert a.num_classes == 1000 and a.name == "resnet18" and a.model.training is False
 
 
-def test_random_init_with_num_classes():
+def test_random_weights_with_num_classes():
     loaded = load_model("resnet18", num_classes=7)
     assert loaded.num_classes == 7 and loaded.model.fc.out_features == 7
 

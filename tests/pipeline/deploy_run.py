@@ -1,6 +1,7 @@
 """Real runs for the deployment-layout tests (made by the real stages, once per test module)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ LABELS = ("cat", "dog", "fish")
 
 def make_run(root: Path, *, std=(0.229, 0.224, 0.225), mean=(0.485, 0.456, 0.406), engines: bool = True,
              bench: bool = True):
-    """ResNet-18 (3 classes, 32 px): export, int8 with 8 calibration samples, OpenVINO fp32+int8 engines and a
+    """ResNet-18 (3 classes, 32 px): export, int8 with 8 calibration samples, the OpenVINO fp32 engine and a
     short bench of fp32 at batch 1 and 4 (what Triton's preferred batch sizes come from)."""
     from rexport.core.preprocess import PreprocessSpec
     from rexport.pipeline.backends import BuildSettings
@@ -25,7 +26,7 @@ def make_run(root: Path, *, std=(0.229, 0.224, 0.225), mean=(0.485, 0.456, 0.406
     run_export(run, ExportSettings(model="resnet18", num_classes=3, preprocess=spec))
     run_quantize(run, QuantizeSettings(precision="int8", calib_samples=8, calib_batch_size=8), progress=False)
     if engines:
-        build_engines(run, backend="openvino", precisions=["fp32", "int8"],
+        build_engines(run, backend="openvino", precisions=["fp32"],
                       settings=BuildSettings(opt_batch=2, max_batch=4), progress=False)
     if bench:
         run_bench(run, BenchSettings(variants=("fp32",), batch_sizes=(1, 4), warmup=1, min_time=0.0, max_time=0.2,
@@ -50,3 +51,17 @@ def digit_images(root: Path, count: int = 12) -> list[Path]:
         Image.fromarray(rgb).save(p)
         paths.append(p)
     return paths
+
+
+@functools.lru_cache(maxsize=1)
+def triton_schema():
+    """Triton's ModelConfig message, straight from tritonclient's generated model_config_pb2 (protobuf only)."""
+    import importlib.util
+
+    import tritonclient
+
+    path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
+    spec = importlib.util.spec_from_file_location("test_triton_model_config_pb2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

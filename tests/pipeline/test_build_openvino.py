@@ -106,7 +106,7 @@ def test_builds_every_precision_the_cpu_offers(built):
             continue
         folder = name.split(":", 1)[1]
         assert set(rec["outputs"]) == {f"engines/{folder}/{f}" for f in ("model.xml", "model.bin", "sidecar.json")}
-        assert rec["summary"]["engine_dir"] == f"engines/{folder}" and rec["summary"]["size_mb"] > 0
+        assert rec["summary"]["engine_dir"] == f"engines/{folder}" and rec["summary"]["size_mib"] > 0
         assert run.stage(name)["status"] == "ok"
     # nothing half-written is left beside the engine folders
     assert sorted(p.name for p in (run.path / "engines").iterdir()) == sorted(

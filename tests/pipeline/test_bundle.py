@@ -3,6 +3,7 @@ hashes, atomic writing, and its standalone run_engine.py run in a clean interpre
 import rexport or torch, checked against ONNX Runtime / OpenVINO through rexport."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import runpy
@@ -120,6 +121,9 @@ def test_default_bundle_contents(run, tmp_path):
     assert (dest / "labels.txt").read_text() == "cat\ndog\nfish\n"
     assert json.loads((dest / "preprocess.json").read_text()) == SPEC.to_dict()
     assert (dest / "run_engine.py").read_bytes() == (TEMPLATES / "run_engine.py").read_bytes()
+    package = TEMPLATES.parent / "backends/trt_engine"          # shipped verbatim, without __pycache__
+    shipped = {p.relative_to(dest / "trt_engine").as_posix(): p.read_bytes() for p in (dest / "trt_engine").rglob("*")}
+    assert shipped == {p.name: p.read_bytes() for p in package.glob("*.py")} and "__init__.py" in shipped
     assert not (dest / "build_engine.py").exists() and not (dest / "calibration").exists()
     engine = dest / "engines/openvino-fp32"
     verify_engine_files(engine, read_sidecar(engine))
@@ -174,9 +178,19 @@ def test_build_on_device_bundle(run, tmp_path):
     assert manifest["calibration_cache"] == f"calibration/{Path(cache).name}"
     assert (dest / manifest["calibration_cache"]).read_bytes() == run.file(cache).read_bytes()
     assert "build_engine.py --precision int8" in (dest / "README.txt").read_text()
+    # the file's per-layer intent travels with its cache (weak-typed builds pin the float layers by it)
+    intent = json.loads((dest / (manifest["calibration_cache"] + ".layers.json")).read_text())
+    assert intent["file"] == "model.int8.onnx" and set(intent["layers"].values()) <= {"int8", "fp16", "fp32"}
     # the on-device builder finds the bundled cache by itself
     tpl = runpy.run_path(str(dest / "build_engine.py"), run_name="build_engine_in_bundle")
     assert tpl["find_calibration_cache"](None) == dest / manifest["calibration_cache"]
+    # ... and runs on the bundle's own trt_engine/, without rexport: here it stops at the missing TensorRT
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    proc = subprocess.run([sys.executable, "-I", "-c", CLEAN_RUNNER, "build_engine.py", "--precision", "int8"],
+                          cwd=dest, env=env, capture_output=True, text=True, timeout=120)
+    if importlib.util.find_spec("tensorrt") is None:
+        assert proc.returncode == 2 and "tensorrt cannot be imported" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
 def test_template_preprocessing_is_rexports(images):

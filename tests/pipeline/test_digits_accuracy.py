@@ -9,29 +9,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from rexport.demo import DIGITS_SPEC, train_digits, write_digits  # noqa: E402
-from rexport.pipeline.evaluate import EvaluateSettings, run_evaluate  # noqa: E402
-from rexport.pipeline.export import ExportSettings, run_export  # noqa: E402
-from rexport.pipeline.manifest import RunDir  # noqa: E402
-from rexport.pipeline.quantize import QuantizeSettings, run_quantize  # noqa: E402
-from rexport.pipeline.validate import ValidateSettings, run_validate  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    data = write_digits(root / "data")
-    ckpt = root / "digits.pth"
-    train_digits(data, ckpt, epochs=6)
-    run = RunDir(root / "run")
-    with run.locked():
-        run_export(run, ExportSettings(model="resnet18", weights=str(ckpt), preprocess=DIGITS_SPEC))
-        run_quantize(run, QuantizeSettings(precision="fp16"), progress=False)
-        run_quantize(run, QuantizeSettings(precision="int8", calib_data=str(data.train), calib_samples=data.n_train,
-                                           calib_method="entropy"), progress=False)
-        run_evaluate(run, EvaluateSettings(val_data=str(data.val)))
-        run_validate(run, ValidateSettings(data=str(data.val), samples=32))
-    return run, data
+# digits_run (session-scoped, shared with test_int8_forms.py) is in tests/conftest.py
 
 
 def result(run, kind, variant):
@@ -49,16 +27,16 @@ def test_fp32_is_accurate(digits_run):
     ref = result(run, "eval", "pytorch")
     assert ref["top1"] >= 0.90, ref
     fp32 = result(run, "eval", "fp32")
-    assert abs(fp32["top1"] - ref["top1"]) < 1e-9 and fp32["agreement_top1_vs_fp32"] == 1.0
+    assert abs(fp32["top1"] - ref["top1"]) < 1e-9 and fp32["agreement_top1_vs_reference"] == 1.0
 
 
 def test_int8_loses_at_most_one_point(digits_run):
     run, _ = digits_run
     ref, int8 = result(run, "eval", "pytorch"), result(run, "eval", "int8")
-    assert int8["drop_top1_vs_fp32"] == pytest.approx(ref["top1"] - int8["top1"])
-    assert int8["drop_top1_vs_fp32"] <= 0.01, (ref["top1"], int8["top1"])
+    assert int8["drop_top1_vs_reference"] == pytest.approx(ref["top1"] - int8["top1"])
+    assert int8["drop_top1_vs_reference"] <= 0.01, (ref["top1"], int8["top1"])
     fp16 = result(run, "eval", "fp16")
-    assert fp16["drop_top1_vs_fp32"] <= 0.005
+    assert fp16["drop_top1_vs_reference"] <= 0.005
 
 
 def test_int8_validates_on_real_images_with_per_layer_errors(digits_run):

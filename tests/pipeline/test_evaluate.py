@@ -90,7 +90,7 @@ def test_evaluate_npz_measures_every_variant(small_run, tmp_path):
     assert [r["variant"] for r in recs] == ["pytorch", "fp32"]
     ref = json.loads(run.file("eval/pytorch.json").read_text())
     fp32 = json.loads(run.file("eval/fp32.json").read_text())
-    assert ref["n"] == fp32["n"] == 10 and fp32["agreement_top1_vs_fp32"] == 1.0
+    assert ref["n"] == fp32["n"] == 10 and fp32["agreement_top1_vs_reference"] == 1.0
     assert fp32["top1"] == ref["top1"] and 0 <= ref["top1"] <= ref["top5"] <= 1
     with pytest.raises(InputError):
         EvaluateSettings(val_data="x", samples=0)

@@ -27,12 +27,25 @@ def test_fp16_and_int8_variants_validate(run_copy):
     rec8 = run_quantize(run, QuantizeSettings(precision="int8", calib_samples=16, calib_method="percentile"),
                         progress=False)
     assert rec16["status"] == rec8["status"] == "ok"
-    assert run.variants() == ["fp32", "fp16", "int8"]
-    cal = rec8["summary"]["calibration"]
+    assert run.variants() == ["fp32", "fp16", "int8", "int8-openvino"]
+    s = rec8["summary"]
+    cal = s["calibration"]
     assert cal["synthetic"] and cal["samples"] == 16
-    assert run.file(rec8["summary"]["tensorrt_cache"]).read_text().startswith("TRT-")
-    recs = run_validate(run, ValidateSettings(samples=8, batch_sizes=(1, 4)), ["fp16", "int8"])
-    assert [r["status"] for r in recs] == ["ok", "ok"]
+    assert run.file(s["tensorrt_cache"]).read_text().startswith("TRT-")
+    # one calibration, two forms: TensorRT's placement (residual Add input only) and NNCF's (both inputs)
+    assert s["forms"]["int8"]["qdq"]["settings"]["residual_add"] == "residual"
+    assert s["forms"]["int8-openvino"]["qdq"]["settings"]["residual_add"] == "both"
+    trt, ov = (s["forms"][f]["qdq"]["activation_amax"] for f in ("int8", "int8-openvino"))
+    shared = set(trt) & set(ov)
+    assert len(shared) >= 20 and all(trt[t] == ov[t] for t in shared)  # the same ranges, calibrated once
+    # the float parts: FP16 kept (its proof recorded), or FP32 with the reason
+    assert s["int8_float"] in ("fp16", "fp32") and s["int8_float_requested"] == "fp16"
+    assert (s["int8_float"] == "fp32") == (s["int8_float_fallback_reason"] is not None)
+    if s["int8_float"] == "fp16":
+        assert s["int8_float_proof"]["kept"] and s["int8_float_proof"]["cosine_min"] >= 0.999
+        assert run.file(s["int8_fp32_float_file"]).is_file()
+    recs = run_validate(run, ValidateSettings(samples=8, batch_sizes=(1, 4)), ["fp16", "int8", "int8-openvino"])
+    assert [r["status"] for r in recs] == ["ok", "ok", "ok"]
     again = run_quantize(run, QuantizeSettings(precision="int8", calib_samples=16, calib_method="percentile"),
                          progress=False)
     assert again["reused"]

@@ -76,14 +76,6 @@ def _evaluate_in_thread(run: RunDir, val) -> tuple[threading.Thread, dict]:
     return t, out
 
 
-def test_ray_evaluation_writes_what_a_local_run_writes(cluster, small_run, val, local, tmp_path):
-    run = _copy(small_run, tmp_path)
-    recs = run_evaluate(run, EvaluateSettings(val_data=str(val), batch_size=4, ray="default"))
-    assert {v: run.file(f"eval/{v}.json").read_bytes() for v in FILES} == local
-    info = recs[0]["summary"]["ray"]
-    assert info["shards"] == 2 and info["retries"] == 0 and info["attempts"] == 2
-
-
 def test_a_killed_worker_is_retried_and_counted(cluster, small_run, val, local, tmp_path):
     run = _copy(small_run, tmp_path)
     t, out = _evaluate_in_thread(run, val)
@@ -91,7 +83,9 @@ def test_a_killed_worker_is_retried_and_counted(cluster, small_run, val, local, 
     t.join(timeout=120)
     assert "error" not in out, out.get("error")
     assert len(killed) == 1
-    assert out["records"][0]["summary"]["ray"]["retries"] == 1
+    info = out["records"][0]["summary"]["ray"]
+    assert info["shards"] == 2 and info["attempts"] == 3 and info["retries"] == 1
+    # two shards, one of them run twice: the same eval files as the local run, byte for byte
     assert {v: run.file(f"eval/{v}.json").read_bytes() for v in FILES} == local
 
 
@@ -108,9 +102,24 @@ def test_a_shard_that_fails_for_good_fails_the_stage(cluster, small_run, val, tm
     assert not run.file("eval/pytorch.json").exists()
 
 
-def test_without_ray_it_says_how_to_install_it(small_run, tmp_path):
-    code = ("import sys; sys.modules['ray'] = None\n"
-            "from rexport.pipeline.distributed import import_ray\n"
-            "try:\n    import_ray()\nexcept Exception as e:\n    print(type(e).__name__, e.exit_code, e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
-    assert out.startswith("MissingDependency 2") and "pip install 'rexport[ray]'" in out
+def test_matrix_cells_run_as_ray_tasks(cluster, tmp_path):
+    from rexport.pipeline.matrix import MatrixSettings, Row, run_matrix
+
+    values = {"export": {"model": "resnet18", "num_classes": 10, "input_size": 32},
+              "validate": {"samples": 2, "batch_sizes": (1,)},
+              "bench": {"batch_sizes": (1,), "min_time": 0.02, "max_time": 0.2, "warmup": 1, "min_iters": 3}}
+    report = run_matrix(tmp_path / "m", [Row("resnet18", values)],
+                        MatrixSettings(precisions=("fp32",), backends=("openvino",), ray="default"))
+    (cell,) = report["cells"]
+    assert cell["status"] == "ok" and cell["variant"] == "openvino-fp32" and cell["images_per_s"] > 0
+    assert report["ray"]["tasks"] == 1 and report["ray"]["retries"] == 0
+    assert RunDir(tmp_path / "m" / "resnet18" / "openvino-fp32").stage("bench")["status"] == "ok"
+
+
+def test_without_ray_it_says_how_to_install_it(small_run, val):
+    code = ("import sys; sys.modules['ray'] = None\n"  # as if Ray were not installed
+            "from rexport.cli import main\n"
+            f"sys.argv = ['rexport', 'evaluate', '--val-data', {str(val)!r}, '--ray', '--out', {str(small_run.path)!r}]\n"
+            "main()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "pip install 'rexport[ray]'" in r.stderr and "Traceback" not in r.stderr

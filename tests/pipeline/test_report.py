@@ -66,7 +66,7 @@ def test_three_files_and_schema(report, files):
 
 def test_rows_come_from_the_stage_files(run, report):
     rows = {r["variant"]: r for r in report["rows"]}
-    assert list(rows) == ["pytorch", "fp32", "int8", "tensorrt"]
+    assert list(rows) == ["pytorch", "fp32", "int8", "int8-openvino", "tensorrt"]
     val = json.loads(run.file("validate/int8.json").read_text())
     ev = json.loads(run.file("eval/int8.json").read_text())
     bench = {(r["variant"], r["batch"]): r for r in json.loads(run.file("bench/results.json").read_text())["rows"]}
@@ -78,12 +78,16 @@ def test_rows_come_from_the_stage_files(run, report):
     assert i8["p50_ms"] == bench[("int8", 1)]["p50_ms"] and i8["latency_batch"] == 1
     assert i8["throughput_batch"] == 2 and i8["images_per_s"] == bench[("int8", 2)]["images_per_s"]
     assert i8["speedup_vs_pytorch"] == bench[("int8", 1)]["speedup_vs_pytorch"]
-    assert i8["size_mb"] == pytest.approx(run.file("onnx/model.int8.onnx").stat().st_size / 1e6)
-    assert rows["int8"]["size_mb"] < rows["fp32"]["size_mb"] / 2
-    assert rows["pytorch"]["validation"] == "reference" and rows["pytorch"]["accuracy_top1"] is None
-    assert rows["tensorrt"]["status"] == "skipped" and rows["tensorrt"]["reason"] == "no CUDA device"
+    assert i8["size_mib"] == pytest.approx(run.file("onnx/model.int8.onnx").stat().st_size / 2**20)
+    assert rows["fp32"]["size_mib"] == pytest.approx(run.file("onnx/model.fp32.onnx").stat().st_size / 2**20)
+    assert rows["pytorch"]["size_mib"] is None and "MiB = 2^20 bytes" in report["size_definition"]
+    ref_eval = run.file("eval/pytorch.json")
+    ref_top1 = json.loads(ref_eval.read_text())["top1"] if ref_eval.exists() else None
+    assert rows["pytorch"]["validation"] == "reference" and rows["pytorch"]["accuracy_top1"] == ref_top1
+    assert rows["tensorrt"]["status"] == "skipped"
+    assert rows["tensorrt"]["reason"] == run.stage("build:tensorrt")["reason"]
     assert [d["tensor"] for d in report["per_layer_int8"]] == [d["tensor"] for d in val["per_layer"]]
-    assert len(report["per_layer_int8"]) == 20  # the Conv layers of ResNet-18
+    assert sum("Conv" in d["layer"] for d in report["per_layer_int8"]) == 20  # the Conv layers of ResNet-18
 
 
 def test_table_cells_are_the_formatted_row_values(report):
@@ -120,11 +124,12 @@ def test_md_and_html_show_the_same_numbers(report, files):
             assert f"| {b['variant']} | {b['batch']} | ok | {fmt('p50_ms', b['p50_ms'])} |" in files["md"]
 
 
-def test_skips_and_warnings_appear_in_all_three(report, files):
-    assert {"stage": "build:tensorrt", "reason": "no CUDA device",
-            "text": "TensorRT: skipped, no CUDA device"} in report["skipped"]
+def test_skips_and_warnings_appear_in_all_three(run, report, files):
+    reason = run.stage("build:tensorrt")["reason"]
+    assert reason.startswith("no CUDA device")
+    assert {"stage": "build:tensorrt", "reason": reason, "text": f"TensorRT: skipped, {reason}"} in report["skipped"]
     assert report["weights"]["text"] == "random init (seed 0): accuracy numbers are meaningless"
-    assert report["calibration data"]["warning"] == SYNTHETIC_CALIBRATION_WARNING
+    assert report["calibration"]["warning"] == SYNTHETIC_CALIBRATION_WARNING
     for text in (files["json"], files["md"], files["html"]):
         assert "TensorRT: skipped, no CUDA device" in text
         assert "skipped: no CUDA device" in text  # the summary table's tensorrt row
@@ -156,7 +161,7 @@ def test_summary_table_for_the_cli(run, report):
     assert "skipped: no CUDA device" in trt
     i8 = next(r for r in rows if r["variant"] == "int8")
     i8_line = next(line for line in lines if line.startswith("int8 "))
-    for key in ("size_mb", "max_abs", "top1_agreement", "accuracy_top1", "p50_ms", "images_per_s"):
+    for key in ("size_mib", "max_abs", "top1_agreement", "accuracy_top1", "p50_ms", "images_per_s"):
         assert fmt(key, i8[key]) in i8_line.split()
     pt_line = next(line for line in lines if line.startswith("pytorch "))
     assert pt_line.split()[4] == "-"  # nothing measured against itself
@@ -215,3 +220,28 @@ def test_chromium_renders_and_decodes_the_plots(run, report, tmp_path):
     assert shot.stat().st_size > 10_000
     if os.environ.get("REXPORT_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["REXPORT_KEEP_SCREENSHOT"])
+
+
+def test_a_section_module_is_rendered_in_all_three_files(run, tmp_path, monkeypatch):
+    """The report hook: a module with build_section() in the sections package shows up in report.json,
+    report.md and report.html, and a file it reads is listed among the report's sources."""
+    import rexport.pipeline.reporting.sections as sections
+
+    (tmp_path / "zz_bench_rows.py").write_text(
+        "from rexport.pipeline.reporting.sections import Section\n"
+        "def build_section(src, report):\n"
+        "    data = src.read('bench/results.json')\n"
+        "    rows = [[r['variant'], str(r['batch'])] for r in data['rows']]\n"
+        "    return Section(key='bench_rows', title='Bench rows again', headers=['variant', 'batch'],\n"
+        "                   rows=rows, text=['A section from a module.'], data={'n': len(rows)})\n")
+    monkeypatch.setattr(sections, "__path__", [*sections.__path__, str(tmp_path)])
+    report = write_report(run)
+    sec = next(s for s in report["sections"] if s["key"] == "bench_rows")
+    n = len(json.loads(run.file("bench/results.json").read_text())["rows"])
+    assert sec["data"] == {"n": n} and len(sec["rows"]) == n
+    md = run.file("report/report.md").read_text()
+    assert "## Bench rows again" in md and "A section from a module." in md
+    assert "<h2>Bench rows again</h2>" in run.file("report/report.html").read_text()
+    assert json.loads(run.file("report/report.json").read_text())["sections"] == report["sections"]
+    monkeypatch.undo()
+    assert not any(s["key"] == "bench_rows" for s in write_report(run)["sections"])

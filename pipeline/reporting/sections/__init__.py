@@ -37,6 +37,16 @@ def section_builders() -> list:
     return [b for _, _, b in sorted(found, key=lambda t: (t[0], t[1]))]
 
 
+def section_plots() -> list:
+    """Every plot function a section module lists in ``PLOTS``; each takes the report dict and returns
+    (png base64 | None, caption), with an empty caption when the run has nothing to plot."""
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            found += list(getattr(importlib.import_module(f"{__name__}.{info.name}"), "PLOTS", ()))
+    return found
+
+
 def build_sections(src, report: dict) -> list[dict]:
     out = []
     for build in section_builders():

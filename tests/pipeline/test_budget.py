@@ -1,0 +1,184 @@
+"""INT8 within an accuracy budget, on a real resnet18 trained briefly on scikit-learn's real digits
+(16x16 px): the plain INT8 file, the per-tensor method choice, the sensitivity ranking and the greedy
+float fallback, each judged by real files in ONNX Runtime on seeded, disjoint splits."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("sklearn")
+
+from rexport.core.errors import InputError  # noqa: E402
+from rexport.core.preprocess import PreprocessSpec  # noqa: E402
+from rexport.pipeline.export import ExportSettings, run_export  # noqa: E402
+from rexport.pipeline.manifest import VARIANT_FILES, RunDir  # noqa: E402
+from rexport.pipeline.quantize import QuantizeSettings, run_quantize  # noqa: E402
+
+SPEC = PreprocessSpec(input_size=16, resize=16, mean=(0.5,) * 3, std=(0.5,) * 3,
+                      labels=tuple(str(d) for d in range(10)))
+#: the channel rescaled after layer2.0's first BN+ReLU, and by how much (FP32 unchanged)
+CHANNEL, FACTOR = 3, 200.0
+SENSITIVE_LAYER = "layer2.0.conv2"
+
+
+@pytest.fixture(scope="session")
+def digits16(tmp_path_factory):
+    """Digits at 16 px, a resnet18 trained on them (3 epochs), and its FP32-equivalent outlier twin."""
+    import torch
+
+    import rexport.demo as demo
+
+    root = tmp_path_factory.mktemp("budget")
+    data = demo.write_digits(root / "digits", size=16)
+    ckpt = root / "plain.pth"
+    saved = demo.DIGITS_SPEC
+    demo.DIGITS_SPEC = SPEC  # train at the size exported below
+    try:
+        demo.train_digits(data, ckpt, epochs=3)
+    finally:
+        demo.DIGITS_SPEC = saved
+    sd = torch.load(ckpt)
+    sd["layer2.0.bn1.weight"][CHANNEL] *= FACTOR  # relu(k x) = k relu(x) for k > 0 ...
+    sd["layer2.0.bn1.bias"][CHANNEL] *= FACTOR
+    sd[f"{SENSITIVE_LAYER}.weight"][:, CHANNEL] /= FACTOR  # ... and the next conv undoes it
+    torch.save(sd, root / "sensitive.pth")
+    runs = {}
+    for name in ("plain", "sensitive"):
+        run = RunDir(root / f"run-{name}")
+        with run.locked():
+            run_export(run, ExportSettings(model="resnet18", weights=str(root / f"{name}.pth"), preprocess=SPEC))
+        runs[name] = run
+    return data, runs
+
+
+def budget(data, **kw) -> QuantizeSettings:
+    base = dict(precision="int8", calib_data=str(data.train), calib_samples=300, calib_method="minmax",
+                budget_val_data=str(data.val), budget_samples=400, budget_latency=False, int8_float="fp32",
+                max_accuracy_drop=1.0)
+    return QuantizeSettings(**{**base, **kw})
+
+
+def quantize(run, settings):
+    with run.locked():
+        return run_quantize(run, settings, progress=False, force=True)
+
+
+def qdq_tensors(path) -> set[str]:
+    m = onnx.load(str(path))
+    return {n.input[0] for n in m.graph.node if n.op_type == "QuantizeLinear"}
+
+
+def test_fp32_is_unchanged_by_the_rescaled_channel(digits16):
+    from rexport.pipeline.budget_data import split_budget_data
+    from rexport.pipeline.budget import _ort_logits
+
+    data, runs = digits16
+    d = split_budget_data(data.val, SPEC, 10, need_labels=True, calibration_fingerprints=set(), fraction=0.5,
+                          max_samples=64, seed=0)
+    a, b = (_ort_logits(runs[n].file(VARIANT_FILES["fp32"]), d.x["selection"]) for n in ("plain", "sensitive"))
+    assert np.abs(a - b).max() < 1e-3 * np.abs(a).max()
+    assert (a.argmax(1) == d.labels["selection"]).mean() >= 0.7  # a trained model, not noise
+
+
+def test_sensitive_model_fallback_alone_meets_the_budget(digits16):
+    data, runs = digits16
+    run = runs["sensitive"]
+    rec = quantize(run, budget(data, budget_per_tensor_method=False))
+    b = rec["summary"]["budget"]
+    plain = b["steps"][0]
+    assert plain["fix"].startswith("none") and plain["selection"]["drop_pts"] > 1.0  # plain minmax misses 1 pt
+    assert all(s["fix"] != "per-tensor calibration method" for s in b["steps"])   # switched off
+    assert rec["status"] == "ok" and b["met"], b["message"]
+    chosen = b["chosen"]
+    assert chosen["fix"] == "float fallback" and SENSITIVE_LAYER in chosen["fallback_names"]
+    assert chosen["selection"]["drop_pts"] <= 1.0 and chosen["confirmation"]["drop_pts"] <= 1.0
+    assert "confirmation split" in b["message"]
+    # the ranking put the rescaled layer's input first, measured on the selection split
+    top = b["sensitivity"]["ranked"][0]
+    assert any(w == f"{SENSITIVE_LAYER}.weight" for w in top["weights"])
+    assert top["score"] > 10 * b["sensitivity"]["ranked"][1]["score"]
+    # both INT8 forms leave that layer without Q/DQ; every other conv keeps its weight quantizer
+    for form in ("int8", "int8-openvino"):
+        tensors = qdq_tensors(run.file(VARIANT_FILES[form]))
+        assert f"{SENSITIVE_LAYER}.weight" not in tensors and top["name"] not in tensors
+        assert "layer2.0.conv1.weight" in tensors
+    # the recorded confirmation figure is what the written OpenVINO-form file gives on those images
+    from rexport.pipeline.budget import _ort_logits
+    from rexport.pipeline.budget_data import split_budget_data
+
+    cal = set(rec["summary"]["calibration"]["sample_sha256"])
+    d = split_budget_data(data.val, SPEC, 10, need_labels=True, calibration_fingerprints=cal, fraction=0.5,
+                          max_samples=400, seed=0)
+    y = _ort_logits(run.file(VARIANT_FILES["int8-openvino"]), d.x["confirmation"])
+    top1 = 100.0 * float((y.argmax(1) == d.labels["confirmation"]).mean())
+    assert top1 == pytest.approx(chosen["confirmation"]["top1_pct"])
+
+
+def test_per_tensor_choice_on_says_which_fix_met_it(digits16):
+    data, runs = digits16
+    rec = quantize(runs["sensitive"], budget(data))
+    b = rec["summary"]["budget"]
+    fixes = [s["fix"] for s in b["steps"]]
+    assert fixes[0].startswith("none") and fixes[1] == "per-tensor calibration method"  # cheaper fix first
+    assert b["met"] and b["chosen"]["fix"] in fixes
+    met_by = b["steps"][b["chosen"]["step"]]
+    assert met_by["selection"]["meets"] and b["chosen"]["fix"] in b["message"] or "layer(s) in float" in b["message"]
+    if b["chosen"]["fix"] == "per-tensor calibration method":
+        assert b["chosen"]["calibration_method"] == "auto" and not b["chosen"]["fallback_layers"]
+
+
+def test_insensitive_model_selects_no_fallback_and_keeps_the_plain_file(digits16, tmp_path):
+    data, runs = digits16
+    run = runs["plain"]
+    plain = QuantizeSettings(precision="int8", calib_data=str(data.train), calib_samples=300, calib_method="entropy",
+                             int8_float="fp32")
+    quantize(run, plain)
+    before = qdq_tensors(run.file(VARIANT_FILES["int8-openvino"]))
+    rec = quantize(run, budget(data, calib_method="entropy", max_accuracy_drop=2.0, budget_latency=True))
+    b = rec["summary"]["budget"]
+    assert b["met"] and len(b["steps"]) == 1 and b["chosen"]["fallback_layers"] == [] and b["sensitivity"] is None
+    assert qdq_tensors(run.file(VARIANT_FILES["int8-openvino"])) == before
+    lat = b["steps"][0]["latency"]
+    assert lat.get("p50_ms", 0) > 0 or "skipped" in lat
+
+
+def test_impossible_budget_fails_and_keeps_the_best_file_marked(digits16):
+    data, runs = digits16
+    run = runs["plain"]
+    # calibrate on part of the validation folder: those images must stay out of both splits
+    rec = quantize(run, budget(data, calib_data=str(data.val), calib_samples=200, max_accuracy_drop=-50.0,
+                               budget_max_steps=1, budget_per_tensor_method=False, sensitivity_samples=16))
+    assert rec["status"] == "failed" and "budget not met" in rec["reason"] and "misses it by" in rec["reason"]
+    st = run.stage("quantize:int8")
+    assert st["status"] == "failed" and st["summary"]["budget"]["met"] is False
+    for form in ("int8", "int8-openvino"):
+        assert run.file(VARIANT_FILES[form]).is_file() and VARIANT_FILES[form] in st["outputs"]
+    # splits: seeded, disjoint, recorded, and free of calibration images
+    splits = json.loads(run.file("budget/splits.json").read_text())
+    sel, conf = set(splits["fingerprints"]["selection"]), set(splits["fingerprints"]["confirmation"])
+    cal = set(st["summary"]["calibration"]["sample_sha256"])
+    assert len(cal) == 200 and splits["left_out_calibration"] == 200
+    assert sel and conf and not sel & conf and not (sel | conf) & cal
+    assert st["summary"]["budget"]["splits"]["seed"] == 0
+    assert st["summary"]["budget"]["splits"]["selection"]["n"] == len(sel)
+
+
+def test_budget_needs_labels_and_data(digits16, tmp_path):
+    data, _ = digits16
+    with pytest.raises(InputError, match="needs --val-data"):
+        QuantizeSettings(precision="int8", max_accuracy_drop=0.5)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted(data.val.rglob("*.png"))[:4]:
+        (flat / p.name).write_bytes(p.read_bytes())
+    from rexport.pipeline.budget_data import split_budget_data
+
+    with pytest.raises(InputError, match="needs labelled data"):
+        split_budget_data(flat, SPEC, 10, need_labels=True, calibration_fingerprints=set(), fraction=0.5,
+                          max_samples=10, seed=0)
+    d = split_budget_data(flat, SPEC, 10, need_labels=False, calibration_fingerprints=set(), fraction=0.5,
+                          max_samples=10, seed=0)
+    assert d.labels["selection"] is None and d.record["selection"]["n"] == 2

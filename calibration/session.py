@@ -43,7 +43,6 @@ def activation_tensors(model) -> tuple[list[str], dict[str, int]]:
     return inputs, activations
 
 
-
 @dataclass
 class CollectionPlan:
     """Which tensors ONNX Runtime returns (``fetched``, graph order) and, per fetched tensor or model

@@ -176,14 +176,13 @@ def guarded_cell(out: str, cell: Cell, command: str) -> dict:
     try:
         return run_cell(out, cell, command)
     except RexportError as e:
-        return {"cell": cell.name, "model": cell.row, "backend": cell.backend, "precision": cell.precision,
-                "run_dir": str(cell_dir(Path(out), cell)), "status": "error", "note": str(e), "failed": [],
-                "reused": False, "redone": []}
+        return unmeasured_cell(out, cell, "error", str(e))
 
 
-def skipped_cell(out: str, cell: Cell, reason: str) -> dict:
+def unmeasured_cell(out: str, cell: Cell, status: str, note: str) -> dict:
+    """The row of a cell that was skipped (backend not here) or failed: no numbers, the reason."""
     return {"cell": cell.name, "model": cell.row, "backend": cell.backend, "precision": cell.precision,
-            "run_dir": str(cell_dir(Path(out), cell)), "status": "skipped", "note": reason, "failed": [],
+            "run_dir": str(cell_dir(Path(out), cell)), "status": status, "note": note, "failed": [],
             "reused": False, "redone": []}
 
 
@@ -203,7 +202,7 @@ def run_matrix(out: str | Path, rows: list[Row], settings: MatrixSettings, *, co
         for cell in cells:  # a backend this machine cannot run is skipped, with its reason (Ray would place it)
             reason = get_backend(cell.backend).unavailable_reason()
             if reason:
-                results.append(skipped_cell(str(out), cell, f"{cell.backend}: {reason}"))
+                results.append(unmeasured_cell(str(out), cell, "skipped", f"{cell.backend}: {reason}"))
             else:
                 seed_from_sibling(cell_dir(out, cell), seeds.get(cell.row))
                 results.append(guarded_cell(str(out), cell, command))

@@ -3,6 +3,7 @@ per cell, the Pareto front of accuracy against throughput, and a plot of it. Bui
 cells' run directories (their report rows), with the run report's renderers and number formats."""
 from __future__ import annotations
 
+from html import escape
 from pathlib import Path
 
 from rexport.core.fsio import atomic_write_json, atomic_write_text
@@ -81,12 +82,12 @@ def write_matrix_report(out: Path, cells: list[dict], meta: dict) -> dict:
              "Each cell is a run directory made by 'rexport run'; its own report has every variant."]
     md = [f"# {title}", "", *(f"- {f}" for f in facts), "", *md_table(HEADERS, rows), "", caption, ""]
     atomic_write_text(out / "matrix.md", "\n".join(md))
-    body = [f"<h1>{title}</h1>", "<ul>" + "".join(f"<li>{f}</li>" for f in facts) + "</ul>",
+    body = [f"<h1>{escape(title)}</h1>", "<ul>" + "".join(f"<li>{escape(f)}</li>" for f in facts) + "</ul>",
             html_table(HEADERS, rows, numeric=NUMERIC)]
     if png:
-        body.append(f'<figure><img alt="Pareto plot" src="data:image/png;base64,{png}"><figcaption>{caption}'
+        body.append(f'<figure><img alt="Pareto plot" src="data:image/png;base64,{png}"><figcaption>{escape(caption)}'
                     "</figcaption></figure>")
     else:
-        body.append(f"<p>{caption}</p>")
+        body.append(f"<p>{escape(caption)}</p>")
     atomic_write_text(out / "matrix.html", html_page(title, body))
     return report

@@ -11,7 +11,7 @@ LABELS = ("cat", "dog", "fish")
 
 def make_run(root: Path, *, std=(0.229, 0.224, 0.225), mean=(0.485, 0.456, 0.406), engines: bool = True,
              bench: bool = True):
-    """ResNet-18 (3 classes, 32 px): export, int8 with 8 calibration samples, the OpenVINO fp32 engine and a
+    """ResNet-18 (3 classes, 32 px): export, int8 with 8 calibration samples, the OpenVINO int8 engine and a
     short bench of fp32 at batch 1 and 4 (what Triton's preferred batch sizes come from)."""
     from rexport.core.preprocess import PreprocessSpec
     from rexport.pipeline.backends import BuildSettings
@@ -26,7 +26,7 @@ def make_run(root: Path, *, std=(0.229, 0.224, 0.225), mean=(0.485, 0.456, 0.406
     run_export(run, ExportSettings(model="resnet18", num_classes=3, preprocess=spec))
     run_quantize(run, QuantizeSettings(precision="int8", calib_samples=8, calib_batch_size=8), progress=False)
     if engines:
-        build_engines(run, backend="openvino", precisions=["fp32"],
+        build_engines(run, backend="openvino", precisions=["int8"],
                       settings=BuildSettings(opt_batch=2, max_batch=4), progress=False)
     if bench:
         run_bench(run, BenchSettings(variants=("fp32",), batch_sizes=(1, 4), warmup=1, min_time=0.0, max_time=0.2,

@@ -63,7 +63,7 @@ def budget(data, **kw) -> QuantizeSettings:
 
 def quantize(run, settings):
     with run.locked():
-        return run_quantize(run, settings, progress=False, force=True)
+        return run_quantize(run, settings, progress=False)
 
 
 def qdq_tensors(path) -> set[str]:
@@ -145,13 +145,22 @@ def test_insensitive_model_selects_no_fallback_and_keeps_the_plain_file(digits16
     assert lat.get("p50_ms", 0) > 0 or "skipped" in lat
 
 
-def test_impossible_budget_fails_and_keeps_the_best_file_marked(digits16):
+def test_impossible_budget_exits_1_and_keeps_the_best_file_marked(digits16):
+    from conftest import rexport_cli
+
     data, runs = digits16
     run = runs["plain"]
     # calibrate on part of the validation folder: those images must stay out of both splits
-    rec = quantize(run, budget(data, calib_data=str(data.val), calib_samples=200, max_accuracy_drop=-50.0,
-                               budget_max_steps=1, budget_per_tensor_method=False, sensitivity_samples=16))
-    assert rec["status"] == "failed" and "budget not met" in rec["reason"] and "misses it by" in rec["reason"]
+    proc = rexport_cli("quantize", "--precision", "int8", "--calib-data", data.val, "--calib-samples", "200",
+                       "--calib-method", "minmax", "--int8-float", "fp32", "--max-accuracy-drop", "-50",
+                       "--val-data", data.val, "--budget-samples", "400", "--budget-max-steps", "1",
+                       "--no-budget-per-tensor-method", "--no-budget-latency", "--sensitivity-samples", "16",
+                       "--out", run.path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert "budget not met" in err[-1] and "misses it by" in err[-1] and "Traceback" not in proc.stderr
+    assert "budget step 0" in proc.stdout and "budget step 1" in proc.stdout
+    run = RunDir(run.path)
     st = run.stage("quantize:int8")
     assert st["status"] == "failed" and st["summary"]["budget"]["met"] is False
     for form in ("int8", "int8-openvino"):
@@ -164,6 +173,35 @@ def test_impossible_budget_fails_and_keeps_the_best_file_marked(digits16):
     assert sel and conf and not sel & conf and not (sel | conf) & cal
     assert st["summary"]["budget"]["splits"]["seed"] == 0
     assert st["summary"]["budget"]["splits"]["selection"]["n"] == len(sel)
+
+
+def test_switch_session_is_exact_and_the_ranking_is_cached(digits16, tmp_path):
+    import onnxruntime as ort
+
+    from rexport.pipeline.budget import _ort_logits
+    from rexport.pipeline.sensitivity import SensitivitySettings, measure_sensitivity
+    from rexport.pipeline.switch_session import SwitchSession
+
+    data, runs = digits16
+    run = runs["sensitive"]
+    quantize(run, QuantizeSettings(precision="int8", calib_data=str(data.train), calib_samples=300,
+                                   calib_method="minmax", int8_float="fp32"))
+    int8, fp32 = run.file(VARIANT_FILES["int8-openvino"]), run.file(VARIANT_FILES["fp32"])
+    x = np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    sess = SwitchSession(int8, fp32)
+    assert len(sess.parts) >= 4 and len(sess.groups) >= 20
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # plain fake-quant arithmetic
+    fake = ort.InferenceSession(str(int8), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    every = {g.name for g in sess.groups}
+    assert np.abs(sess.logits(x, every, 4) - fake).max() <= 1e-4 * np.abs(fake).max()
+    assert np.abs(sess.logits(x, set(), 4) - _ort_logits(fp32, x)).max() <= 1e-5 * np.abs(fake).max()
+    settings = SensitivitySettings(samples=8, metric="mse")
+    first = measure_sensitivity(int8, fp32, x, None, settings, tmp_path, session=sess)
+    again = measure_sensitivity(int8, fp32, x, None, settings, tmp_path)
+    assert not first.reused and again.reused and again.key == first.key
+    assert [r.group.name for r in again.ranked] == [r.group.name for r in first.ranked]
+    assert first.ranked[0].score >= first.ranked[-1].score
 
 
 def test_budget_needs_labels_and_data(digits16, tmp_path):

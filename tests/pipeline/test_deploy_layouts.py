@@ -57,14 +57,14 @@ def _hashes_match(root: Path) -> dict:
 
 
 def test_triton_repository(run, images, tmp_path):
-    """`bundle --format triton --variants fp32,int8,openvino-fp32`: every config parses with Triton's schema
+    """`bundle --format triton --variants fp32,int8,openvino-int8`: every config parses with Triton's schema
     and agrees with the file it serves: names, dims without the batch, dtypes, max batch."""
     schema = triton_schema()
-    dest = make_bundle(run, variants=["fp32", "int8", "openvino-fp32"], dest=tmp_path / "t", format="triton")
+    dest = make_bundle(run, variants=["fp32", "int8", "openvino-int8"], dest=tmp_path / "t", format="triton")
     manifest = _hashes_match(dest)
-    assert manifest["format"] == "triton" and list(manifest["variants"]) == ["fp32", "int8", "openvino-fp32"]
+    assert manifest["format"] == "triton" and list(manifest["variants"]) == ["fp32", "int8", "openvino-int8"]
     repo = dest / "model_repository"
-    assert sorted(p.name for p in repo.iterdir()) == ["resnet18_fp32", "resnet18_int8", "resnet18_openvino-fp32"]
+    assert sorted(p.name for p in repo.iterdir()) == ["resnet18_fp32", "resnet18_int8", "resnet18_openvino-int8"]
     for name in ("resnet18_fp32", "resnet18_int8"):
         cfg = text_format.Parse((repo / name / "config.pbtxt").read_text(), schema.ModelConfig())
         variant = name.split("_", 1)[1]
@@ -85,8 +85,8 @@ def test_triton_repository(run, images, tmp_path):
 
     import openvino as ov
 
-    ov_cfg = text_format.Parse((repo / "resnet18_openvino-fp32/config.pbtxt").read_text(), schema.ModelConfig())
-    model = ov.Core().read_model(str(repo / "resnet18_openvino-fp32/1/model.xml"))
+    ov_cfg = text_format.Parse((repo / "resnet18_openvino-int8/config.pbtxt").read_text(), schema.ModelConfig())
+    model = ov.Core().read_model(str(repo / "resnet18_openvino-int8/1/model.xml"))
     assert ov_cfg.backend == "openvino" and not ov_cfg.platform
     assert [(i.name, list(i.dims)) for i in ov_cfg.input] == \
         [(p.get_any_name(), [d.get_length() for d in list(p.get_partial_shape())[1:]]) for p in model.inputs]
@@ -94,18 +94,18 @@ def test_triton_repository(run, images, tmp_path):
     assert [schema.DataType.Name(i.data_type) for i in ov_cfg.input] == \
         [DTYPES[str(np.dtype(p.get_element_type().to_dtype()))] for p in model.inputs]
     assert ov_cfg.max_batch_size == 8      # dynamic batch, not benched: the documented default
-    sidecar = read_sidecar(run.path / "engines/openvino-fp32")
+    sidecar = read_sidecar(run.path / "engines/openvino-int8")
     assert {p: ov_cfg.parameters[p].string_value for p in ov_cfg.parameters} == \
         {"PERFORMANCE_HINT": sidecar["load_settings"]["PERFORMANCE_HINT"]}
-    assert json.loads((repo / "resnet18_openvino-fp32/1/sidecar.json").read_text()) == sidecar
+    assert json.loads((repo / "resnet18_openvino-int8/1/sidecar.json").read_text()) == sidecar
     readme = (dest / "README.txt").read_text()
     assert "tritonserver --model-repository=/models" in readme and "cannot force f32" in readme
     assert manifest["warnings"] and "bf16" in manifest["warnings"][0]
 
     # the smoke test loads each model from the files its config names, as Triton would
-    with OnnxRuntimeRunner(run.file(VARIANT_FILES["int8"])) as ref_int8, load_engine(run.path / "engines/openvino-fp32") as ref_ov:
+    with OnnxRuntimeRunner(run.file(VARIANT_FILES["int8"])) as ref_int8, load_engine(run.path / "engines/openvino-int8") as ref_ov:
         x = np.stack([run_spec(run).load_image(p) for p in images[:3]])
-        expected = {"resnet18_int8": ref_int8.infer(x), "resnet18_openvino-fp32": ref_ov.infer(x)}
+        expected = {"resnet18_int8": ref_int8.infer(x), "resnet18_openvino-int8": ref_ov.infer(x)}
     for name, logits in expected.items():
         results = infer_images(dest, [str(p) for p in images[:3]], topk=3, model=name)
         assert results[0]["model"] == name and "Triton" in results[0]["served"]
@@ -162,12 +162,12 @@ def test_triton_config_for_a_plan(run):
 def test_ovms_layout_loads_from_the_paths_config_json_names(run, images, tmp_path):
     import openvino as ov
 
-    dest = make_bundle(run, variants=["fp32", "int8", "openvino-fp32"], dest=tmp_path / "o", format="ovms")
+    dest = make_bundle(run, variants=["fp32", "int8", "openvino-int8"], dest=tmp_path / "o", format="ovms")
     _hashes_match(dest)
     config = json.loads((dest / "config.json").read_text())
     entries = [e["config"] for e in config["model_config_list"]]
-    assert [e["name"] for e in entries] == ["resnet18_fp32", "resnet18_int8", "resnet18_openvino-fp32"]
-    sidecar = read_sidecar(run.path / "engines/openvino-fp32")
+    assert [e["name"] for e in entries] == ["resnet18_fp32", "resnet18_int8", "resnet18_openvino-int8"]
+    sidecar = read_sidecar(run.path / "engines/openvino-int8")
     for e in entries:
         assert set(e) == {"name", "base_path", "target_device", "plugin_config"} and e["target_device"] == "CPU"
         assert e["plugin_config"]["INFERENCE_PRECISION_HINT"] == "f32"      # never a silent bf16
@@ -180,21 +180,21 @@ def test_ovms_layout_loads_from_the_paths_config_json_names(run, images, tmp_pat
         assert compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
         assert [p.get_any_name() for p in compiled.inputs] == [t["name"] for t in sidecar["io"]["inputs"]]
     assert entries[2]["plugin_config"] == sidecar["load_settings"]
-    assert (dest / "resnet18_openvino-fp32/1/model.bin").read_bytes() == \
-        (run.path / "engines/openvino-fp32/model.bin").read_bytes()
+    assert (dest / "resnet18_openvino-int8/1/model.bin").read_bytes() == \
+        (run.path / "engines/openvino-int8/model.bin").read_bytes()
     assert "--config_path /models/config.json" in (dest / "README.txt").read_text()
 
-    with load_engine(run.path / "engines/openvino-fp32") as ref:
+    with load_engine(run.path / "engines/openvino-int8") as ref:
         logits = ref.infer(np.stack([run_spec(run).load_image(p) for p in images[:2]]))
-    results = infer_images(dest, [str(p) for p in images[:2]], model="resnet18_openvino-fp32")
+    results = infer_images(dest, [str(p) for p in images[:2]], model="resnet18_openvino-int8")
     for r, ref in zip(results, logits):
         assert r["top"][0]["class"] == int(np.argmax(ref)) and "plugin_config" in r["served"]
 
 
 def test_refusals_write_nothing(run, tmp_path):
     with pytest.raises(InputError) as e:
-        make_bundle(run, variants=["fp32", "openvino-fp32"], dest=tmp_path / "d", format="deepstream")
-    assert "openvino-fp32" in e.value.message and "nvinfer" in e.value.message and "fp32" in e.value.hint
+        make_bundle(run, variants=["fp32", "openvino-int8"], dest=tmp_path / "d", format="deepstream")
+    assert "openvino-int8" in e.value.message and "nvinfer" in e.value.message and "fp32" in e.value.hint
     with pytest.raises(InputError, match="tensorrt-int8"):
         make_bundle(run, variants=["tensorrt-int8"], dest=tmp_path / "d", format="ovms")
     with pytest.raises(InputError, match="unknown bundle format"):

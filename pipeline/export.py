@@ -229,7 +229,12 @@ def export_onnx(settings: ExportSettings, out_path: str | os.PathLike) -> dict:
 
 
 def run_export(run: RunDir, settings: ExportSettings, *, force: bool = False) -> dict:
-    """The export stage: writes onnx/model.fp32.onnx and records it in the manifest."""
+    """The export stage: writes onnx/model.fp32.onnx and records it in the manifest. Given the
+    ImportSettings of an ONNX file (``--onnx``), it is the import stage instead."""
+    if getattr(settings, "onnx", None):
+        from rexport.pipeline.import_onnx import run_import
+
+        return run_import(run, settings, force=force)
     rel = VARIANT_FILES["fp32"]
     record = settings.to_record()
 

@@ -293,6 +293,9 @@ def import_onnx(settings: ImportSettings, out_path: str | os.PathLike) -> dict:
     dims = _dims(inp)
     input_dtype = _TYPE_NAMES[inp.type.tensor_type.elem_type]
     spec = settings.preprocess
+    if all(isinstance(d, int) and d > 0 for d in dims[2:]) and dims[2] != dims[3]:
+        raise InputError(f"{path.name} takes {dims[2]}x{dims[3]} images; rexport's preprocessing crops a square",
+                         "export the model with a square input (H == W) or with dynamic H, W")
     for d in dims[2:]:
         if isinstance(d, int) and d != spec.input_size:
             raise InputError(f"{path.name} takes {dims[2]}x{dims[3]} images but --input-size is {spec.input_size}",

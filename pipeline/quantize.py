@@ -130,10 +130,17 @@ def run_quantize(run: RunDir, settings: QuantizeSettings, *, progress: bool = Tr
         result = calibrate(fp32, reader, calib, run.path / "calibration", progress=progress, force=force)
         ranges, qdq_used, outcome = result.ranges, qdq, None
         if budget is not None:  # cheaper fixes first, then a float fallback: ranges and exclusions for every form
-            outcome = budget_stage.run_budget(run, fp32, budget, splits, qdq, result, auto_ranges=lambda: calibrate(
-                fp32, reader, dataclasses.replace(calib, method="auto"), run.path / "calibration",
-                progress=progress).ranges)
+            auto = {}
+
+            def auto_ranges() -> dict:  # the per-tensor method choice, from the cached statistics
+                auto["result"] = calibrate(fp32, reader, dataclasses.replace(calib, method="auto"),
+                                           run.path / "calibration", progress=progress)
+                return auto["result"].ranges
+
+            outcome = budget_stage.run_budget(run, fp32, budget, splits, qdq, result, auto_ranges=auto_ranges)
             ranges, qdq_used = outcome.ranges, budget_stage.with_exclusions(qdq, outcome.exclude)
+            if outcome.method == "auto" and "result" in auto:  # its record and TensorRT cache go with the files
+                result = auto["result"]
         forms = write_int8_forms(fp32, ranges, paths, qdq_used, int8_float=settings.int8_float,
                                  fp32_float_path=run.file(FP32_FLOAT_FILE),
                                  proof_inputs=proof[0] if proof else None, labelled=proof[1] if proof else None)
@@ -150,7 +157,7 @@ def run_quantize(run: RunDir, settings: QuantizeSettings, *, progress: bool = Tr
         trt_rel = str(trt_cache["path"].relative_to(run.path))
         layers_rel = str(trt_cache["layers_path"].relative_to(run.path))
         summary = {
-            "calibration": {"method": calib.method, "samples": result.samples, "data": settings.calib_data,
+            "calibration": {"method": outcome.method if outcome else calib.method, "samples": result.samples, "data": settings.calib_data,
                             "description": result.data_description, "synthetic": result.synthetic,
                             "key": result.key, "reused": result.reused, "seconds": round(result.seconds, 3),
                             "statistics_reused": result.statistics_reused,

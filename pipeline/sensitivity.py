@@ -32,7 +32,7 @@ class SensitivitySettings:
     metric: str = "kl"        # kl | mse: logit divergence from FP32
     mode: str = "alone"       # alone: only this group in INT8 | leave-out: every group but this one
     samples: int = 64         # images of the selection split the ranking uses
-    batch_size: int = 32
+    batch_size: int = 16
     threads: int | None = None
 
     def __post_init__(self) -> None:

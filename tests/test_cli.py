@@ -157,7 +157,7 @@ def test_run_takes_every_stage_option():
                        and names[(stage, s.field)] not in on_run]
         assert not missing_stage and not missing_run, (stage, missing_stage, missing_run)
     for name in ("calib-samples", "val-samples", "bench-min-time", "validate-samples", "eval-samples",
-                 "bench-batch-sizes", "bench-threads", "exclude", "residual-qdq", "workspace", "skip-first-conv",
+                 "bench-batch-sizes", "bench-threads", "exclude", "workspace", "skip-first-conv", "calib-batch-size",
                  "tol", "config", "print-config"):
         assert name in on_run, name
     assert all("config" in longs(c) for c in cli.commands.values())

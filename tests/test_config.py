@@ -127,3 +127,28 @@ def test_an_unexpected_failure_leaves_its_traceback_in_run_log(run_dir, tmp_path
     assert "KeyError" in line and "run.log" in line, line
     log = (out / "run.log").read_text()
     assert "Traceback (most recent call last)" in log and "KeyError" in log.split("$ rexport report")[-1]
+
+
+def test_progress_modes_in_process(capsys):
+    """plain: a line per 10% step (not per update) and none when disabled; none: silent."""
+    from rexport.core import progress
+
+    old = progress._mode
+    try:
+        progress.set_mode("plain")
+        with progress.progress_bar(1000, desc="work", unit="img") as bar:
+            for _ in range(1000):
+                bar.update(1)
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 10 and lines[0].startswith("work:  10% 100/1000 img") and "100%" in lines[-1]
+        with progress.progress_bar(1000, desc="work", enabled=False) as bar:
+            bar.update(1000)
+        progress.set_mode("none")
+        with progress.progress_bar(10, desc="work") as bar:
+            bar.update(10)
+        progress.say("a line")
+        assert capsys.readouterr().err == ""
+        with pytest.raises(ValueError):
+            progress.set_mode("loud")
+    finally:
+        progress.set_mode(old)

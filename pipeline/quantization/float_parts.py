@@ -10,8 +10,9 @@ writes one (issue 9: ModelOpt's FP16 form of a trained ResNet-18 scored 61.9 % i
 * No FP16 scale that underflows. A scale is stored in FP16 only when every value is a normal FP16 number
   (>= 2**-14, relative rounding <= 2**-11); otherwise that Q/DQ keeps its FP32 scale with a Cast on each
   side (tiny weight channels, e.g. a dead channel's floor scale of 1e-8/127, which FP16 flushes to zero:
-  a QuantizeLinear by zero is inf). Weights stay FP32 into their QuantizeLinear (the quantizer reads the
-  exact weight), and the DequantizeLinear that TensorRT folds into the layer carries the FP16 scale.
+  a QuantizeLinear by zero is inf). Weights are quantized from FP32 with their FP32 scale and stored as
+  INT8 (half the file; TensorRT >= 10 takes INT8 weights), and their DequantizeLinear carries the FP16
+  scale; ModelOpt instead rounds the weights to FP16 before quantizing them.
 * Casts where ONNX Runtime's CPU provider lacks FP16 kernels are ONNX Runtime's own (it inserts them
   around each FP16 node it cannot run), so the CPU check measures FP16 storage rounding; ops that
   overflow in FP16 (``keep_fp32_ops``: Softmax/LogSoftmax) are kept in FP32 between explicit Casts.
@@ -124,14 +125,34 @@ class _Fp16Pass:
 
     def _quantize(self, node: onnx.NodeProto) -> None:
         x, scale = node.input[0], node.input[1]
-        if self.dtype.get(x) == _F16:
-            if self._scale_safe(scale):
-                node.input[1] = self._fp16_init(scale)
-                self.fp16_scales += 1
-            else:
+        safe = self._scale_safe(scale)
+        if safe and x in self.inits:  # a weight: stored as INT8, quantized here with its exact FP32 scale
+            self._int8_weight(node)
+            return
+        if safe:  # the graph input is cast to FP16 first, so Q and DQ share one FP16 scale (as ModelOpt)
+            node.input[0] = self._as(x, _F16)
+            node.input[1] = self._fp16_init(scale)
+            self.fp16_scales += 1
+        else:
+            if self.dtype.get(x) == _F16:
                 node.input[0] = self._cast(x, _F32)
-                self.fp32_scales.append(node.name)
+            self.fp32_scales.append(node.name)
         self.out.append(node)
+        self.dtype[node.output[0]] = TensorProto.INT8
+
+    def _int8_weight(self, node: onnx.NodeProto) -> None:
+        """Replace Q(FP32 weight) by the INT8 tensor it computes (ONNX rounding: half to even), named as
+        the Q output, so its DequantizeLinear reads it unchanged. TensorRT >= 10 takes INT8 weights; the
+        FP16-float file is for TensorRT 10/11 only (8.x builds the FP32-float form)."""
+        w = numpy_helper.to_array(self.inits[node.input[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(self.inits[node.input[1]]).astype(np.float32)
+        if scale.ndim == 1 and scale.size > 1:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+        q = np.clip(np.rint(w / scale), -128, 127).astype(np.int8)
+        self.g.initializer.append(numpy_helper.from_array(q, node.output[0]))
         self.dtype[node.output[0]] = TensorProto.INT8
 
     def _dequantize(self, node: onnx.NodeProto) -> None:

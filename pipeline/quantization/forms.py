@@ -99,6 +99,9 @@ def write_int8_forms(fp32_path: Path, ranges: Mapping[str, float], paths: Mappin
     and the reason is returned."""
     if int8_float not in INT8_FLOATS:
         raise InputError(f"int8_float must be fp16 or fp32, not {int8_float!r}", "use --int8-float fp16 or fp32")
+    if fp32_float_path is None and TENSORRT_FORM in paths:
+        trt = Path(paths[TENSORRT_FORM])
+        fp32_float_path = trt.with_name(trt.name.removesuffix(".onnx") + ".fp32-float.onnx")
     reports = {form: insert_qdq(fp32_path, ranges, Path(p) if form != TENSORRT_FORM or int8_float == "fp32"
                                 else Path(fp32_float_path), form_settings(base, form))
                for form, p in paths.items()}

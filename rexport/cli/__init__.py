@@ -107,7 +107,7 @@ def _log_failure(text: str) -> str | None:
     from rexport.cli import common
 
     run = common.current_run
-    if run is None:
+    if run is None or not run.path.is_dir():  # none, or removed: a failed first export leaves nothing behind
         return None
     try:
         run.log(text)

@@ -213,3 +213,10 @@ def test_both_forms_and_both_float_choices_on_the_digits(digits_run, tmp_path):
     assert rec["summary"]["int8_float_fallback_reason"] is None
     assert _sha(copy.file("onnx/model.int8.onnx")) == _sha(run.file(s["int8_fp32_float_file"]))
     assert _sha(copy.file("onnx/model.int8-openvino.onnx")) == _sha(run.file("onnx/model.int8-openvino.onnx"))
+
+    from rexport.pipeline.report import write_report
+
+    report = write_report(copy)  # the report says which file each form is and what its float parts are
+    sec = next(x for x in report["sections"] if x["key"] == "int8_forms")
+    assert [r[0] for r in sec["rows"]] == ["int8", "int8-openvino"] and sec["rows"][0][5] == "fp32"
+    assert "INT8 files per target" in copy.file("report/report.md").read_text()

@@ -3,7 +3,8 @@ pure inference time, on the same images, in the same run, with the same thread s
 
 Generates N JPEGs of ImageNet-like sizes (sides 300-500 px, quality 90) in 10 class folders, makes a
 ResNet-18 run at 224 with every variant this machine builds (7 with BF16 hardware), then:
-  - pure: each variant over the images preloaded as arrays (decoded beforehand, not timed);
+  - pure: each variant over the images preloaded as arrays (decoded beforehand, not timed), before
+    and after the evaluate passes, averaged;
   - evaluate: ``run_evaluate(force=True)`` with 0, 1, 2... decode worker processes (0: in process);
     ratio = evaluate wall time / sum of pure times; the winning worker count is reported;
   - memory: peak RSS of an evaluate process (and of its decode workers) at two set sizes, to show it
@@ -146,14 +147,18 @@ def main() -> None:
                 (sub / p.parent.name).mkdir(parents=True, exist_ok=True)
                 os.link(p, sub / p.parent.name / p.name)
         data = open_labelled_set(run, EvaluateSettings(val_data=str(sub)))
-        pure = pure_inference(run, data, variants, a.batch)
-        pure_sum = sum(pure.values())
-        by_workers = {}
+        # pure inference before and after the evaluate passes, averaged: a load that changes during the
+        # run (a shared machine) then weighs on both sides of the ratio alike
+        before = pure_inference(run, data, variants, a.batch)
+        timed = {}
         for w in (int(x) for x in a.workers.split(",")):
-            seconds, counts = timed_evaluate(run, sub, w, a.batch)
-            by_workers[str(w)] = {"seconds": round(seconds, 3), "ratio_to_pure": round(seconds / pure_sum, 4),
-                                  "decodes_per_image": counts["decodes"] / max(1, counts["images"]),
-                                  "load_after": os.getloadavg()[0]}
+            timed[w] = (*timed_evaluate(run, sub, w, a.batch), os.getloadavg()[0])
+        after = pure_inference(run, data, variants, a.batch)
+        pure = {v: (before[v] + after[v]) / 2 for v in variants}
+        pure_sum = sum(pure.values())
+        by_workers = {str(w): {"seconds": round(sec, 3), "ratio_to_pure": round(sec / pure_sum, 4),
+                               "decodes_per_image": counts["decodes"] / max(1, counts["images"]), "load_after": load}
+                      for w, (sec, counts, load) in timed.items()}
         best = min(by_workers, key=lambda k: by_workers[k]["seconds"])
         memory = [peak_memory(run, val, n, int(best)) for n in sizes]
     result = {
@@ -163,6 +168,7 @@ def main() -> None:
         "images": a.images, "image_sides_px": [300, 500], "jpeg_quality": 90, "batch": a.batch,
         "model": "resnet18 at 224 (random weights)", "variants": variants,
         "pure_inference_s": {k: round(v, 3) for k, v in pure.items()}, "pure_inference_sum_s": round(pure_sum, 3),
+        "pure_inference_sum_before_after_s": [round(sum(before.values()), 3), round(sum(after.values()), 3)],
         "evaluate_by_decode_workers": by_workers,
         "memory": memory,
         "memory_growth_ratio": round(memory[-1]["peak_rss_bytes"] / memory[0]["peak_rss_bytes"], 3),

@@ -131,6 +131,8 @@ def run_evaluate(run: RunDir, settings: EvaluateSettings, variants: list[str] | 
             result.update(budget_split_figures(run, data, p.kept, result, ref))
             atomic_write_json(run.file(f"eval/{v}.json"), result)
             summary = {k: result[k] for k in ("top1", "top5", "n", "drop_top1_vs_reference")}
+            # one pass ran every variant here; the first stage's duration holds the whole pass
+            summary["one_pass_with"] = list(p.top)
             if p.info:
                 summary["ray"] = p.info
             return StageOutcome(outputs=[f"eval/{v}.json"], summary=summary)

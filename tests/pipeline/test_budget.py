@@ -57,8 +57,8 @@ def digits16(tmp_path_factory):
 
 
 def budget(data, **kw) -> QuantizeSettings:
-    base = dict(precision="int8", calib_data=str(data.train), calib_samples=300, calib_method="minmax",
-                budget_val_data=str(data.val), budget_samples=400, budget_latency=False, int8_float="fp32",
+    base = dict(precision="int8", calib_data=str(data.train), calib_samples=200, calib_method="minmax",
+                budget_val_data=str(data.val), budget_samples=300, budget_latency=False, int8_float="fp32",
                 max_accuracy_drop=1.0)
     return QuantizeSettings(**{**base, **kw})
 
@@ -107,16 +107,23 @@ def test_sensitive_model_fallback_alone_meets_the_budget(digits16):
         tensors = qdq_tensors(run.file(VARIANT_FILES[form]))
         assert f"{SENSITIVE_LAYER}.weight" not in tensors and top["name"] not in tensors
         assert "layer2.0.conv1.weight" in tensors
-    # the recorded confirmation figure is what the written OpenVINO-form file gives on those images
-    from rexport.pipeline.budget import _ort_logits
-    from rexport.pipeline.budget_data import split_budget_data
+    # evaluate: the confirmation split beside the full set, equal to what the search recorded for that file
+    from rexport.pipeline.evaluate import EvaluateSettings, run_evaluate
+    from rexport.pipeline.report import write_report
 
-    cal = set(rec["summary"]["calibration"]["sample_sha256"])
-    d = split_budget_data(data.val, SPEC, 10, need_labels=True, calibration_fingerprints=cal, fraction=0.5,
-                          max_samples=400, seed=0)
-    y = _ort_logits(run.file(VARIANT_FILES["int8-openvino"]), d.x["confirmation"])
-    top1 = 100.0 * float((y.argmax(1) == d.labels["confirmation"]).mean())
-    assert top1 == pytest.approx(chosen["confirmation"]["top1_pct"])
+    with run.locked():
+        run_evaluate(run, EvaluateSettings(val_data=str(data.val), decode_workers=0), ["int8-openvino"])
+    ev = json.loads(run.file("eval/int8-openvino.json").read_text())
+    bs = ev["budget_splits"]
+    assert bs["full_set_includes_selection"] and bs["selection"]["n"] == chosen["selection"]["n"]
+    assert 100 * bs["confirmation"]["top1"] == pytest.approx(chosen["confirmation"]["top1_pct"])
+    # the report: the steps and the ranked sensitivity, with their plots
+    report = write_report(run)
+    keys = [sec["key"] for sec in report["sections"]]
+    assert "int8_budget" in keys and "int8_sensitivity" in keys
+    assert {"budget_steps", "sensitivity"} <= {p["name"] for p in report["plots"] if p["drawn"] or p["caption"]}
+    md = run.file("report/report.md").read_text()
+    assert "INT8 accuracy budget: search steps" in md and SENSITIVE_LAYER in md and "confirmation split" in md
 
 
 def test_per_tensor_choice_on_says_which_fix_met_it(digits16):
@@ -137,14 +144,17 @@ def test_per_tensor_choice_on_says_which_fix_met_it(digits16):
 def test_insensitive_model_selects_no_fallback_and_keeps_the_plain_file(digits16, tmp_path):
     data, runs = digits16
     run = runs["plain"]
-    plain = QuantizeSettings(precision="int8", calib_data=str(data.train), calib_samples=300, calib_method="entropy",
-                             int8_float="fp32")
-    quantize(run, plain)
-    before = qdq_tensors(run.file(VARIANT_FILES["int8-openvino"]))
     rec = quantize(run, budget(data, calib_method="entropy", max_accuracy_drop=2.0, budget_latency=True))
     b = rec["summary"]["budget"]
     assert b["met"] and len(b["steps"]) == 1 and b["chosen"]["fallback_layers"] == [] and b["sensitivity"] is None
-    assert qdq_tensors(run.file(VARIANT_FILES["int8-openvino"])) == before
+    # the plain file: every layer the placement quantizes is quantized, with the calibration's own ranges
+    fp32 = onnx.load(str(run.file(VARIANT_FILES["fp32"])))
+    classifier = [n.name for n in fp32.graph.node if n.op_type in ("Gemm", "MatMul")][-1]  # TensorRT form: float
+    for form in ("int8", "int8-openvino"):
+        assert set(rec["summary"]["forms"][form]["qdq"]["excluded_nodes"]) <= {classifier}
+    cal = json.loads(run.file(rec["summary"]["calibration_file"]).read_text())
+    amax = rec["summary"]["forms"]["int8-openvino"]["qdq"]["activation_amax"]
+    assert cal["settings"]["method"] == "entropy" and all(amax[t] == pytest.approx(cal["ranges"][t]) for t in amax)
     lat = b["steps"][0]["latency"]
     assert lat.get("p50_ms", 0) > 0 or "skipped" in lat
 
@@ -157,7 +167,7 @@ def test_impossible_budget_exits_1_and_keeps_the_best_file_marked(digits16):
     # calibrate on part of the validation folder: those images must stay out of both splits
     proc = rexport_cli("quantize", "--precision", "int8", "--calib-data", data.val, "--calib-samples", "200",
                        "--calib-method", "minmax", "--int8-float", "fp32", "--max-accuracy-drop", "-50",
-                       "--val-data", data.val, "--budget-samples", "400", "--budget-max-steps", "1",
+                       "--val-data", data.val, "--budget-samples", "300", "--budget-max-steps", "1",
                        "--no-budget-per-tensor-method", "--no-budget-latency", "--sensitivity-samples", "16",
                        "--out", run.path)
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -188,7 +198,7 @@ def test_switch_session_is_exact_and_the_ranking_is_cached(digits16, tmp_path):
 
     data, runs = digits16
     run = runs["sensitive"]
-    quantize(run, QuantizeSettings(precision="int8", calib_data=str(data.train), calib_samples=300,
+    quantize(run, QuantizeSettings(precision="int8", calib_data=str(data.train), calib_samples=200,
                                    calib_method="minmax", int8_float="fp32"))
     int8, fp32 = run.file(VARIANT_FILES["int8-openvino"]), run.file(VARIANT_FILES["fp32"])
     x = np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)

@@ -75,7 +75,8 @@ def _new_run(path, fp32_src=None) -> tuple[RunDir, int]:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     run, n_params = _new_run(tmp_path_factory.mktemp("run"))
-    _quantize(run.file(VARIANT_FILES["fp32"]), run.file(VARIANT_FILES["int8"]))
+    # the OpenVINO engine compiles the OpenVINO form of the INT8 file (int8-openvino)
+    _quantize(run.file(VARIANT_FILES["fp32"]), run.file(VARIANT_FILES["int8-openvino"]))
     return run, n_params
 
 
@@ -129,7 +130,7 @@ def test_fp32_sidecar(built):
     assert sc["runtime"]["openvino"] == package_version("openvino")
     assert sc["build_settings"]["compress_to_fp16"] is False
     int8 = read_sidecar(run.path / "engines" / "openvino-int8")
-    assert int8["source_onnx"]["variant"] == "int8" and int8["load_settings"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert int8["source_onnx"]["variant"] == "int8-openvino" and int8["load_settings"]["INFERENCE_PRECISION_HINT"] == "f32"
 
 
 def test_fp32_engine_is_fp32(built):
@@ -171,7 +172,7 @@ def test_int8_engine_agrees_with_the_int8_onnx(built):
     run, _, _ = built
     x = _batch(4)
     with load_engine(run.path / "engines" / "openvino-int8") as ov_run, \
-            OnnxRuntimeRunner(run.file(VARIANT_FILES["int8"])) as ort_run:
+            OnnxRuntimeRunner(run.file(VARIANT_FILES["int8-openvino"])) as ort_run:
         assert ov_run.settings["inference_precision"] == "f32"
         got, ref = ov_run.infer(x), ort_run.infer(x)
     cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
@@ -262,7 +263,7 @@ def test_explicit_precisions_are_checked_before_building(exported, tmp_path):
     run, _ = _new_run(tmp_path / "run", fp32_src=exported[0].file(VARIANT_FILES["fp32"]))
     with pytest.raises(InputError) as e:
         build_engines(run, backend="openvino", precisions=["fp32", "int8"], progress=False)
-    assert "model.int8.onnx not found" in str(e.value)
+    assert "model.int8-openvino.onnx not found" in str(e.value)
     assert "run 'rexport quantize --precision int8' first" in str(e.value)
     with pytest.raises(InputError, match="OpenVINO on x86 computes an fp16 model in f32 or bf16; use fp32, bf16 or int8"):
         build_engines(run, backend="openvino", precisions=["fp16"], progress=False)

@@ -14,7 +14,7 @@ PRECISIONS ?= fp32,fp16,int8
 BACKEND ?= auto
 ARGS ?=
 
-.PHONY: install engine demo test test-slow test-gpu bench clean
+.PHONY: install engine demo test test-timm test-slow test-gpu gpu-check bench clean
 
 install: $(VENV)/.installed
 
@@ -43,15 +43,31 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# timm needs torchvision, which imports only beside PyPI's torch build (5.5 GB, CUDA): its own venv, so
+# `make install` stays light for users and the main suite stays on the CPU wheel (it skips timm cleanly).
+TIMM_VENV ?= .venv-timm
+$(TIMM_VENV)/.installed: pyproject.toml
+	test -x $(TIMM_VENV)/bin/python || $(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/pip install -q --upgrade pip
+	$(TIMM_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(TIMM_VENV)/bin/pip install -q -e ".[dev,timm]"
+	touch $@
+
+test-timm: $(TIMM_VENV)/.installed
+	$(TIMM_VENV)/bin/python -m pytest -q tests/models/test_external.py
+
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu -rs
 
+gpu-check: install
+	bash scripts/gpu_check.sh
+
 bench: install
 	$(BIN)/pip install -q -e ".[dev,bench]"
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf artifacts build dist *.egg-info benchmarks/results/*.tmp
+	rm -rf artifacts build dist $(TIMM_VENV) *.egg-info benchmarks/results/*.tmp

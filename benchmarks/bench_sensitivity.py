@@ -38,6 +38,14 @@ def _machine() -> dict:
             "cores": os.cpu_count()}
 
 
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def _naive_seconds(int8: Path, fp32: Path, x: np.ndarray, batch: int) -> float:
     """Every group alone through one whole switchable model (the baseline the parts beat)."""
     import onnx
@@ -113,6 +121,7 @@ def bench_model(name: str, args, work: Path) -> dict:
                      "greedy_step_over_entropy_calibration": out["greedy_step"]["seconds"] / cal}
     if "naive_whole_model_seconds" in out["sensitivity"]:
         out["ratios"]["naive_over_default_sensitivity"] = out["sensitivity"]["naive_whole_model_seconds"] / seconds
+    out["peak_rss_gb_so_far"] = round(_peak_rss_bytes() / 2**30, 2)
     out["meets_target"] = out["ratios"]["sensitivity_over_entropy_calibration"] <= TARGET
     return out
 

@@ -31,9 +31,8 @@ from rexport.calibration.tensorrt_cache import (DEFAULT_VERSION, algorithm_for, 
 
 log = logging.getLogger(__name__)
 
-# 2: entropy leaves exact zeros out; 3: activations at ONNX Runtime's default optimization level (the
-# FP32 reference's own numerics; ranges move by a few ulps, entropy's by at most a bin), per-tensor choices.
-# Bumping it changes every key.
+# 2: entropy leaves exact zeros out; 3: the record holds per-tensor choices (methods mse and auto) and
+# whether cached statistics were used (ranges of the other methods unchanged). Bumping it changes every key.
 FORMAT_VERSION = 3
 _REQUIRED = {"format": int, "key": str, "fp32_onnx_sha256": str, "data_fingerprint": str, "data_description": str,
              "synthetic": bool, "settings": dict, "ranges": dict, "minmax": dict, "samples": int, "created": str,

@@ -89,7 +89,7 @@ def _fold_batch(stats: ActivationStatistics, name: str, lo: float, hi: float, x:
 
 def collect(fp32_onnx: str | os.PathLike, reader: CalibrationReader, *, histograms: bool, num_bins: int = 2048,
             max_samples: int | None = None, progress: bool = False,
-            max_run_bytes: int = MAX_RUN_BYTES, optimization: str = "all") -> ActivationStatistics:
+            max_run_bytes: int = MAX_RUN_BYTES, optimization: str = "basic") -> ActivationStatistics:
     """Run ``reader``'s batches (at most ``max_samples`` samples) through the FP32 model and collect
     min/max (and |x| histograms when ``histograms``) for the input and every float activation.
     Peak memory is about the model, plus twice ``max_run_bytes`` of activations, plus one batch.

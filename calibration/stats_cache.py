@@ -18,7 +18,7 @@ from rexport.core.fsio import atomic_path, sha256_json
 from rexport.calibration.histogram import AbsHistogram
 from rexport.calibration.statistics import ActivationStatistics, TensorStatistics
 
-STATS_FORMAT = 1  # bump with anything that changes collected values (calibrate.FORMAT_VERSION 3's ORT level)
+STATS_FORMAT = 1  # bump with anything that changes the collected values
 
 
 def statistics_key(fp32_onnx_sha256: str, data_fingerprint: str, settings) -> str:

@@ -17,11 +17,11 @@ DECODE_HOOKS: list[Callable[[Path], None]] = []
 
 
 def default_decode_workers() -> int:
-    """Worker processes for decoding: one per core beyond the one inference keeps busy, at least one.
-
-    On 2 cores one worker beats both none (decode and inference take turns) and two (they fight
-    inference for the cores): benchmarks/bench_evaluate.py measures it."""
-    return max(1, (os.cpu_count() or 1) - 1)
+    """Worker processes for decoding: one per core. benchmarks/bench_evaluate.py measured 0, 1 and 2
+    workers on 2 cores (7 variants, ResNet-18 at 224): 2 won both runs (0.88x/0.62x of pure inference,
+    1 worker 1.05x/0.64x, none 1.25x/0.92x), on a machine at load 10-15, which favours more processes;
+    rerun it on a quiet machine before trusting the rule beyond that."""
+    return max(1, os.cpu_count() or 1)
 
 
 def load_or_none(spec: PreprocessSpec, path: Path) -> np.ndarray | None:

@@ -38,7 +38,7 @@ class EvaluateSettings:
                                   help="Evaluate a seeded random subset of this size (default: every sample).")
     batch_size: int = 16
     seed: int = 0
-    decode_workers: int | None = setting(None, help="Image decoding processes (default: one per core but one; "
+    decode_workers: int | None = setting(None, help="Image decoding processes (default: one per core; "
                                                     "0: decode in this process).")
     # --ray [ADDRESS] takes an optional value, which the generated options cannot say: the evaluate
     # command declares it by hand, and matrix passes it on.

@@ -105,6 +105,8 @@ class SwitchSession:
         opts.log_severity_level = 3
         # many small sessions run one after another: idle threads must not spin against the busy one
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # ... and must not each keep an arena of their peak: memory is one part's activations, not the sum
+        opts.enable_cpu_mem_arena = False
         if threads:
             opts.intra_op_num_threads = threads
 

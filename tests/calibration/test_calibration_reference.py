@@ -2,9 +2,7 @@
 
 data/reference_ranges.json was written by data/make_reference_ranges.py with the old implementation
 (every activation returned by ONNX Runtime at ORT_ENABLE_BASIC and folded by numpy). The same fixed
-inputs must give the same ranges, bit for bit, with numba's fused fold and with the numpy one. The
-default level is now ORT_ENABLE_ALL (the FP32 reference's numerics; measured on this fixture: minmax
-and percentile ranges within 13 ulps, entropy within one histogram bin).
+inputs must give the same ranges, bit for bit, with numba's fused fold and with the numpy one.
 """
 from __future__ import annotations
 
@@ -53,15 +51,15 @@ def _collect(model: Path, **kw):
 
 
 def test_resnet18_gives_the_reference_ranges(model: Path) -> None:
-    """The real model at the old ORT level: the same activations, so the same ranges, for every
+    """The real model: the same activations, so the same ranges, for every
     tensor, including those now folded from their source (Relu, Flatten) instead of fetched. (With
     numba's fold when installed; the synthetic test above covers both folds.)"""
-    stats = _collect(model, histograms=True, optimization="basic")
+    stats = _collect(model, histograms=True)
     ref = REFERENCE["resnet18_64px"]
     got_minmax = {n: [st.min, st.max] for n, st in stats.tensors.items()}
     assert list(got_minmax) == list(ref["minmax_per_tensor"])
     assert got_minmax == ref["minmax_per_tensor"], "ONNX Runtime computes other activations on this machine"
     for method in METHODS:
         assert compute_ranges(stats, method, percentile=PERCENTILE) == ref[method], method
-    minmax_only = _collect(model, histograms=False, optimization="basic")
+    minmax_only = _collect(model, histograms=False)
     assert compute_ranges(minmax_only, "minmax") == ref["minmax"]

@@ -13,9 +13,12 @@ writes one (issue 9: ModelOpt's FP16 form of a trained ResNet-18 scored 61.9 % i
   a QuantizeLinear by zero is inf). Weights are quantized from FP32 with their FP32 scale and stored as
   INT8 (half the file; TensorRT >= 10 takes INT8 weights), and their DequantizeLinear carries the FP16
   scale; ModelOpt instead rounds the weights to FP16 before quantizing them.
-* Casts where ONNX Runtime's CPU provider lacks FP16 kernels are ONNX Runtime's own (it inserts them
-  around each FP16 node it cannot run), so the CPU check measures FP16 storage rounding; ops that
-  overflow in FP16 (``keep_fp32_ops``: Softmax/LogSoftmax) are kept in FP32 between explicit Casts.
+* The activation Q/DQ pair feeding a Conv/Gemm that has a bias keeps its FP32 scale between Casts
+  (FP16 -> FP32 -> Q -> DQ -> FP16): ONNX Runtime's CPU provider has no FP16 Conv on x86 and rewrites
+  DQ -> Conv(bias) into an INT32 bias whose scale s_x * s_w it computes in FP16, where it underflows
+  (see ``_bias_scale_inputs``); with the Cast it leaves the bias alone and runs the Conv in FP32 between
+  its own inserted Casts, so the CPU check measures FP16 storage rounding. Ops that overflow in FP16
+  (``keep_fp32_ops``: Softmax/LogSoftmax) are kept in FP32 between explicit Casts.
 
 Whether the result is kept is decided by :mod:`rexport.pipeline.quantization.float_proof`.
 """
@@ -103,6 +106,7 @@ class _Fp16Pass:
         self.fp16_inits: dict[str, str] = {}          # fp32 initializer -> its fp16 copy
         self.fp16_scales, self.fp32_scales, self.clamped = 0, [], 0
         self.out: list[onnx.NodeProto] = []
+        self.fp32_scale_names = _bias_scale_inputs(self.g)
 
     def run(self) -> None:
         for node in list(self.g.node):
@@ -212,7 +216,8 @@ class _Fp16Pass:
 
     def _scale_safe(self, scale: str) -> bool:
         init = self.inits.get(scale)
-        return init is not None and fp16_scale_safe(numpy_helper.to_array(init))
+        return (init is not None and scale not in self.fp32_scale_names
+                and fp16_scale_safe(numpy_helper.to_array(init)))
 
     def _fp16_init(self, name: str, *, clamp: bool = False) -> str:
         if name not in self.fp16_inits:
@@ -244,6 +249,22 @@ class _Fp16Pass:
                 node.output[:] = [inner if y == out.name else y for y in node.output]
             self.out.append(helper.make_node("Cast", [inner], [out.name], to=_F32,
                                              name=self.names.node(f"{out.name}_to_fp32")))
+
+
+def _bias_scale_inputs(g: onnx.GraphProto) -> set[str]:
+    """Scales of the activation DequantizeLinear nodes that feed input 0 of a Conv/Gemm with a bias: ONNX
+    Runtime (WeightBiasQuantization, 1.2x) quantizes such a bias to INT32 with the scale s_x * s_w computed
+    in the scales' own type, and in FP16 that product underflows (digits resnet18: logit cosine 0.87 against
+    the FP32-float file, 0.9994 with that transformer off). An FP32 scale with Casts around the pair keeps
+    ONNX Runtime exact and leaves the layer's math to the engine."""
+    producer = {o: n for n in g.node for o in n.output}
+    names = set()
+    for n in g.node:
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm") and len(n.input) > 2 and n.input[2]:
+            dq = producer.get(n.input[0])
+            if dq is not None and dq.op_type == "DequantizeLinear":
+                names.add(dq.input[1])
+    return names
 
 
 def _clamp_fp16(a: np.ndarray) -> tuple[np.ndarray, int]:

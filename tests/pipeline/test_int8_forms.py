@@ -119,6 +119,13 @@ def test_fp16_float_parts_never_store_an_underflowing_scale(work):
     w = numpy_helper.to_array(w_init).copy()
     w[0] = 0.0
     w_init.CopyFrom(numpy_helper.from_array(w, w_init.name))
+    rng = np.random.default_rng(0)  # random weights fold BN into zero biases, which the export drops: add some
+    for n in m.graph.node:
+        if n.op_type == "Conv" and len(n.input) == 2:
+            out_ch = next(i for i in m.graph.initializer if i.name == n.input[1]).dims[0]
+            m.graph.initializer.append(numpy_helper.from_array(
+                rng.normal(0, 0.1, out_ch).astype(np.float32), f"{n.name}_bias"))
+            n.input.append(f"{n.name}_bias")
     dead = work / "dead.fp32.onnx"
     onnx.save(m, str(dead))
     ranges = {t: 2.0 for t in tensors_for_forms(dead, QdqSettings())}
@@ -138,7 +145,9 @@ def test_fp16_float_parts_never_store_an_underflowing_scale(work):
     # the activation pairs feeding a Conv keep FP32 scales between Casts (ONNX Runtime derives the bias
     # scale s_x * s_w from them, which FP16 would underflow)
     producer = {o: n for n in g.graph.node for o in n.output}
-    for conv in (n for n in g.graph.node if n.op_type == "Conv"):
+    with_bias = [n for n in g.graph.node if n.op_type == "Conv" and len(n.input) > 2]
+    assert with_bias
+    for conv in with_bias:
         cast = producer[conv.input[0]]
         assert cast.op_type == "Cast" and producer[cast.input[0]].op_type == "DequantizeLinear"
         assert inits[producer[cast.input[0]].input[1]].data_type == TensorProto.FLOAT

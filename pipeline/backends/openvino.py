@@ -26,6 +26,10 @@ from rexport.pipeline.runners import Runner
 DEVICE = "CPU"
 ENGINE_FILES = ("model.xml", "model.bin")
 BF16_ISA = ("avx512_bf16", "amx_bf16")
+#: x86 int8 dot products that accumulate u8 x s8 straight into int32; without them oneDNN uses
+#: vpmaddubsw, which sums each pair of u8 x s8 products into int16 with saturation (2*255*127 > 32767)
+VNNI_ISA = ("avx512_vnni", "avx_vnni", "amx_int8")
+OVERFLOW_FIX_REASON = "no VNNI: int16 saturation of u8 x s8 pairs (vpmaddubsw)"
 #: What the CPU plugin computes for each engine precision. int8 keeps f32 for whatever the Q/DQ
 #: model left unquantized (on a BF16 CPU the default would quietly run that part in bf16).
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
@@ -47,6 +51,10 @@ def machine_facts() -> dict:
 
 def has_bf16(isa: list[str] | tuple[str, ...]) -> bool:
     return any(flag in isa for flag in BF16_ISA)
+
+
+def has_vnni(isa: list[str] | tuple[str, ...]) -> bool:
+    return any(flag in isa for flag in VNNI_ISA)
 
 
 def compatibility_problems(sidecar: dict, facts: dict) -> list[str]:
@@ -151,7 +159,10 @@ class OpenVINOBackend(Backend):
             raise InputError(f"OpenVINO cannot convert {onnx_path}: {first}",
                              "re-run 'rexport export' (or 'rexport quantize') to rewrite it") from None
         batch_mode = self._keep_batch_dynamic(model)
-        unsigned = unsigned_after_relu(model) if precision == "int8" else 0
+        int8_settings = prepare_int8(model, cpu_info()["isa"]) if precision == "int8" else {}
+        if int8_settings.get("weights_7bit_overflow_fix"):
+            warnings.warn(f"this CPU has no VNNI: {int8_settings['weights_7bit_overflow_fix']} layer(s) fed by "
+                          "signed INT8 activations get 7-bit weights (overflow fix, as NNCF does)")
         # compress_to_fp16 defaults to True: without this an "fp32" IR would hold fp16 weights
         ov.save_model(model, str(dest / "model.xml"), compress_to_fp16=False)
         load_settings = self.load_settings(precision, settings.threads)
@@ -171,7 +182,7 @@ class OpenVINOBackend(Backend):
             runtime={"openvino": package_version("openvino") or ov.__version__, "openvino_build": ov.get_version()},
             device={"kind": "cpu", **cpu_info()}, io=io, profile=None,
             build_settings={"compress_to_fp16": False, "threads": settings.threads, "device": DEVICE,
-                            "unsigned_post_relu_quantizers": unsigned, "batch": batch_mode},
+                            "unsigned_post_relu_quantizers": 0, **int8_settings, "batch": batch_mode},
             load_settings=load_settings, build_seconds=build_seconds,
             preprocess=PreprocessSpec.from_onnx(onnx_path).to_dict())
 
@@ -262,6 +273,56 @@ register(OpenVINOBackend())
 
 
 _SIGN_PRESERVING = {"MaxPool", "ReduceMean", "AvgPool", "Reshape", "Squeeze", "Unsqueeze", "Convert", "FakeQuantize"}
+
+
+def prepare_int8(model, isa: list[str] | tuple[str, ...]) -> dict:
+    """Rewrite an imported Q/DQ model (in place) for the CPU plugin's INT8 kernels; returns what was done,
+    for the sidecar's build_settings. On a CPU without VNNI the layers still fed by signed activations
+    (oneDNN shifts them to u8 0..255, so pairs of products reach 2*255*127 and saturate int16) get
+    7-bit weights, NNCF's overflow fix; a VNNI CPU keeps every weight as the file has it."""
+    done = {"unsigned_post_relu_quantizers": unsigned_after_relu(model)}
+    if not has_vnni(isa):
+        done["weights_7bit_overflow_fix"] = weights_7bit_after_signed(model)
+        done["overflow_fix_reason"] = OVERFLOW_FIX_REASON
+    return done
+
+
+def weights_7bit_after_signed(model) -> int:
+    """Halve the int8 weights (-64..63, scale doubled: the same float range) of each Convolution/MatMul
+    whose activation quantizer is signed; returns how many weights were rewritten (in place)."""
+    import numpy as np
+    import openvino.opset13 as ops
+
+    rewritten = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in ("Convolution", "MatMul") or not _signed_quantized(op.input_value(0).get_node()):
+            continue
+        mul = op.input_value(1).get_node()
+        if mul.get_type_name() != "Multiply" or mul.input_value(0).get_node().get_type_name() != "Convert":
+            continue  # only the symmetric form the ONNX frontend makes: int8 Constant -> Convert -> Multiply scale
+        convert, scale = mul.input_value(0).get_node(), mul.input_value(1).get_node()
+        weights = convert.input_value(0).get_node()
+        if weights.get_type_name() != "Constant" or weights.get_output_element_type(0).get_type_name() != "i8" \
+                or scale.get_type_name() != "Constant":
+            continue
+        w7 = np.clip(np.round(weights.get_data().astype(np.float32) / 2), -64, 63).astype(np.int8)
+        new = ops.multiply(ops.convert(ops.constant(w7), convert.get_output_element_type(0)),
+                           ops.constant(scale.get_data() * 2))
+        new.set_friendly_name(mul.get_friendly_name())
+        mul.output(0).replace(new.output(0))
+        rewritten += 1
+    return rewritten
+
+
+def _signed_quantized(node, depth: int = 0) -> bool:
+    """Whether a node is (seen through sign-preserving ops) an 8-bit FakeQuantize with a negative range."""
+    kind = node.get_type_name()
+    if kind == "FakeQuantize":
+        lo = node.input_value(1).get_node()
+        return lo.get_type_name() == "Constant" and float(lo.get_data().min()) < 0
+    if kind in _SIGN_PRESERVING and depth < 12:
+        return _signed_quantized(node.input_value(0).get_node(), depth + 1)
+    return False
 
 
 def unsigned_after_relu(model) -> int:

@@ -50,6 +50,14 @@ class StageOutcome:
     reason: str | None = None   # why skipped / failed
 
 
+def _plain(obj: Any) -> Any:
+    """A summary as the manifest file holds it (paths as strings), so what a later stage reads in this
+    process is what a later command reads from disk."""
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
+
+
 def summary_figures(summary: dict, limit: int = 10) -> str:
     """A stage summary's figures on one line for run.log: ``key=value`` for its numbers and short
     strings (one level into nested records, as ``calibration.samples=512``)."""
@@ -215,7 +223,7 @@ class RunDir:
         rec = {
             "status": outcome.status, "reason": outcome.reason, "started": started,
             "duration_s": round(time.perf_counter() - t0, 3), "inputs": fingerprint, "settings": settings,
-            "settings_sha256": sha256_json(settings), "outputs": outputs, "summary": outcome.summary,
+            "settings_sha256": sha256_json(settings), "outputs": outputs, "summary": _plain(outcome.summary),
             "versions": versions(),
         }
         self.manifest["stages"][name] = rec

@@ -75,9 +75,10 @@ class OnnxRuntimeRunner(Runner):
     """An ONNX file in ONNX Runtime: the numerics reference for every ONNX variant."""
 
     def __init__(self, path: str | os.PathLike, *, providers: list[str] | None = None,
-                 threads: int | None = None, name: str | None = None) -> None:
+                 threads: int | None = None, name: str | None = None, exact: bool = False) -> None:
         super().__init__()
         self.path = Path(path)
+        self.exact = exact  # no graph optimisations: every node runs as the file says (no fused INT8 kernels)
         self.name = name or self.path.name
         self.providers = providers or ["CPUExecutionProvider"]
         self.threads = threads
@@ -90,6 +91,8 @@ class OnnxRuntimeRunner(Runner):
         opts.log_severity_level = 3
         if self.threads:
             opts.intra_op_num_threads = self.threads
+        if self.exact:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=self.providers)
         except Exception as e:  # ORT raises Fail/InvalidProtobuf/InvalidGraph/NoSuchFile
@@ -101,7 +104,8 @@ class OnnxRuntimeRunner(Runner):
         self.feed = (PreprocessSpec.from_onnx(self.path).model_input
                      if self.session.get_inputs()[0].type == "tensor(uint8)" else None)
         self.settings = {"runtime": "onnxruntime", "providers": self.session.get_providers(),
-                         "threads": self.threads or "default (physical cores)"}
+                         "threads": self.threads or "default (physical cores)",
+                         "graph_optimization": "disabled (exact Q/DQ semantics)" if self.exact else "default (all)"}
 
     def _deactivate(self) -> None:
         self.session = None

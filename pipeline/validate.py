@@ -21,18 +21,19 @@ Overrides (``--tol``): a bare name (``cosine_min=0.99``) applies to every precis
 from __future__ import annotations
 
 import os
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from rexport.core.errors import InputError
 from rexport.core.settings import setting
-from rexport.core.fsio import atomic_write_json, sha256_file, sha256_json
-from rexport.core.preprocess import PreprocessSpec, list_images
+from rexport.core.fsio import atomic_write_json, sha256_json
+from rexport.core.preprocess import PreprocessSpec
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
+from rexport.pipeline.per_layer import per_layer_errors
 from rexport.pipeline.runners import OnnxRuntimeRunner, Runner
+from rexport.pipeline.validation_inputs import calibration_samples, make_inputs
 from rexport.pipeline.variants import (engine_dirs, list_variants, open_variant, reference_runner,
                                        reference_variant, source_variant, variant_precision)
 
@@ -101,97 +102,6 @@ class ValidateSettings:
                 raise InputError(f"unknown tolerance {key!r}",
                                  "use [fp32.|fp16.|bf16.|int8.]err_over_max, rel_to_range, cosine_min or "
                                  "top1_agreement, e.g. --tol int8.cosine_min=0.97")
-
-
-def make_inputs(spec: PreprocessSpec, settings: ValidateSettings,
-                exclude_sha256: frozenset[str] = frozenset()) -> tuple[np.ndarray, dict]:
-    """The validation inputs: real images preprocessed as the model's metadata says (a seeded subset
-    drawn across the whole folder tree, so every class is represented), rows of an .npz/.npy of
-    preprocessed arrays, or seeded noise shaped like a normalised image. The noise uses its own seed
-    stream, so it never repeats calibration batches. Samples whose content hash is in
-    ``exclude_sha256`` (the ones INT8 calibration used) are left out, so INT8 is judged on held-out data."""
-    rng = np.random.default_rng([settings.seed, 0x7A11D])
-    if settings.data == "synthetic":
-        mean = np.asarray(spec.mean, np.float32).reshape(1, 3, 1, 1)
-        std = np.asarray(spec.std, np.float32).reshape(1, 3, 1, 1)
-        x = rng.standard_normal((settings.samples, *spec.input_shape), dtype=np.float32)
-        x = np.clip(x, (0.0 - mean) / std, (1.0 - mean) / std).astype(np.float32)
-        x = spec.on_pixel_grid(x)  # folded preprocessing: values a decoded image gives, for both paths
-        return x, {"kind": "synthetic", "source": f"seeded normal noise in the normalised pixel range "
-                   f"(seed {settings.seed})", "samples": settings.samples}
-    root = Path(settings.data)
-    if root.suffix.lower() in (".npz", ".npy") and root.is_file():
-        return _array_inputs(root, spec, settings, rng, exclude_sha256)
-    if not root.is_dir():
-        raise InputError(f"validation data {root} is not a folder or an .npz/.npy file",
-                         "pass an image folder, an .npz with x (N,3,H,W preprocessed), or 'synthetic'")
-    files = list_images(root)
-    held_out = 0
-    if exclude_sha256:
-        kept = [f for f in files if sha256_file(f) not in exclude_sha256]
-        held_out, files = len(files) - len(kept), kept
-        if not files:
-            raise InputError(f"every image in {root} was used for INT8 calibration",
-                             "validate on held-out images (--val-data / --data another folder)")
-    if len(files) > settings.samples:
-        files = [files[i] for i in np.sort(rng.choice(len(files), settings.samples, replace=False))]
-    arrays, bad = [], []
-    for f in files:
-        try:
-            arrays.append(spec.load_image(f))
-        except Exception:  # PIL raises many types for broken files
-            bad.append(f)
-    if not arrays:
-        raise InputError(f"no usable images in {root}", "pass a folder of jpg/png/bmp/webp images or 'synthetic'")
-    if bad:
-        shown = ", ".join(str(Path(b).relative_to(root)) for b in bad[:3])
-        warnings.warn(f"validation skipped {len(bad)} unreadable image file(s) in {root}: {shown}"
-                      f"{' ...' if len(bad) > 3 else ''}")
-    return np.stack(arrays), {"kind": "images", "source": str(root), "samples": len(arrays), "unreadable": len(bad),
-                              "calibration_samples_left_out": held_out}
-
-
-def _array_inputs(path: Path, spec: PreprocessSpec, settings: ValidateSettings, rng,
-                  exclude_sha256: frozenset[str]) -> tuple[np.ndarray, dict]:
-    """Rows of ``x`` (an .npz, as evaluate takes) or of an .npy: preprocessed NCHW float32 samples."""
-    import hashlib
-
-    try:
-        if path.suffix.lower() == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                if "x" not in z.files:
-                    raise InputError(f"{path} has no array 'x'", "save it with np.savez(path, x=x[, y=y])")
-                x = z["x"]
-        else:
-            x = np.load(path, allow_pickle=False)
-    except InputError:
-        raise
-    except Exception as e:
-        raise InputError(f"cannot read {path} as numpy arrays ({type(e).__name__})",
-                         "pass an .npz with x (N,3,H,W) or an .npy of that shape") from None
-    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(spec.input_shape):
-        raise InputError(f"{path}: x has shape {tuple(x.shape)}, the model takes (N, {', '.join(map(str, spec.input_shape))})",
-                         "preprocess the arrays as the model's metadata says (see 'rexport export --input-size')")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise InputError(f"{path}: x contains NaN or infinite values", "validation data must be finite")
-    rows = np.arange(len(x))
-    held_out = 0
-    if exclude_sha256:
-        keep = np.array([hashlib.sha256(r.tobytes()).hexdigest() not in exclude_sha256 for r in x], bool)
-        held_out, rows = int((~keep).sum()), rows[keep]
-        if not len(rows):
-            raise InputError(f"every row of {path} was used for INT8 calibration", "validate on held-out data")
-    if len(rows) > settings.samples:
-        rows = np.sort(rng.choice(rows, settings.samples, replace=False))
-    return x[rows], {"kind": "arrays", "source": str(path), "samples": int(len(rows)),
-                     "calibration_samples_left_out": held_out}
-
-
-def calibration_samples(run: RunDir) -> frozenset[str]:
-    """Content hashes of the samples the run's INT8 calibration used (empty before calibration)."""
-    st = run.stage("quantize:int8") or {}
-    return frozenset(((st.get("summary") or {}).get("calibration") or {}).get("sample_sha256") or [])
 
 
 def compare_logits(y: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -265,50 +175,6 @@ def run_batches(runner: Runner, x: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([runner.infer(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def per_layer_errors(fp32_path: Path, int8_path: Path, x: np.ndarray, limit: int = 8) -> list[dict]:
-    """Error of each quantized layer's output (Conv/Gemm/Add outputs that exist, by name, in both
-    models) in the INT8 model against the FP32 model, on the validation inputs."""
-    import onnx
-    import onnxruntime as ort
-
-    def with_outputs(path: Path, names: list[str]) -> bytes:
-        m = onnx.load(str(path))
-        have = {o.name for o in m.graph.output}
-        # each tensor's own type: an INT8 file with FP16 float parts has FP16 layer outputs
-        types = {vi.name: vi.type.tensor_type.elem_type for vi in onnx.shape_inference.infer_shapes(m).graph.value_info}
-        for n in names:
-            if n not in have:
-                m.graph.output.append(onnx.helper.make_tensor_value_info(n, types.get(n) or onnx.TensorProto.FLOAT,
-                                                                         None))
-        return m.SerializeToString()
-
-    int8 = onnx.load(str(int8_path), load_external_data=False)
-    fp32 = onnx.load(str(fp32_path), load_external_data=False)
-    fp32_outputs = {o for n in fp32.graph.node for o in n.output}
-    dq_outputs = {o for n in int8.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    layers = [(n.name or n.output[0], n.output[0]) for n in int8.graph.node
-              if n.op_type in ("Conv", "Gemm", "MatMul", "Add") and n.output[0] in fp32_outputs
-              and any(i in dq_outputs for i in n.input)]
-    if not layers:
-        return []
-    names = [t for _, t in layers]
-    xs = PreprocessSpec.from_onnx(fp32_path).model_input(x[:limit])  # raw pixels for a folded model
-    results = []
-    outs = {}
-    for key, path in (("fp32", fp32_path), ("int8", int8_path)):
-        s = ort.InferenceSession(with_outputs(path, names), providers=["CPUExecutionProvider"])
-        wanted = [o.name for o in s.get_outputs()]
-        got = s.run(None, {s.get_inputs()[0].name: xs})
-        outs[key] = dict(zip(wanted, got))
-    for layer, tensor in layers:
-        a = outs["fp32"][tensor].astype(np.float64).ravel()
-        b = outs["int8"][tensor].astype(np.float64).ravel()
-        rel = float(np.linalg.norm(b - a) / max(np.linalg.norm(a), 1e-30))
-        cos = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
-        results.append({"layer": layer, "tensor": tensor, "rel_error": rel, "cosine": cos})
-    return results
-
-
 def variant_logits(runner: Runner, x: np.ndarray, batch_sizes: tuple[int, ...]) -> dict[int, np.ndarray]:
     """The variant's logits on ``x`` at each batch size (one activation of the runner)."""
     with runner:
@@ -335,10 +201,13 @@ def validate_variant(run: RunDir, variant: str, settings: ValidateSettings, *, x
     result["against_source"] = None
     src = source_variant(run, variant)
     if src is not None:  # an engine must also match the ONNX file it was compiled from
-        with OnnxRuntimeRunner(run.file(VARIANT_FILES[src]), name=src) as src_runner:
+        # INT8: the file's exact Q/DQ meaning (no graph optimisations): ORT's fused INT8 kernels saturate on
+        # CPUs without VNNI just as the engine's would, so they are not the reference there
+        exact = variant_precision(src) == "int8"
+        with OnnxRuntimeRunner(run.file(VARIANT_FILES[src]), name=src, exact=exact) as src_runner:
             src_logits = run_batches(src_runner, x, max(settings.batch_sizes))
         against = judge(logits, src_logits, tolerances_for(precision, settings.tolerances, SOURCE_TOLERANCES))
-        result["against_source"] = {"variant": src, **against}
+        result["against_source"] = {"variant": src, "onnxruntime": src_runner.settings, **against}
         if not against["passed"]:
             result["passed"] = False
             result["failures"] += [f"vs {src} ONNX: {f}" for f in against["failures"]]

@@ -307,5 +307,5 @@ def test_unquantized_int8_is_recorded_skipped_when_not_asked_for(exported, tmp_p
 
 
 def test_build_needs_an_export(tmp_path):
-    with pytest.raises(InputError, match="run 'rexport export' first"):
+    with pytest.raises(InputError, match="run 'rexport export'"):
         build_engines(RunDir(tmp_path / "empty"), backend="openvino")

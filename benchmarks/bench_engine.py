@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         fresh = measure(cmd)
         rerun = measure(cmd)
         report = json.loads((run_dir / "report" / "report.json").read_text()) if fresh["rc"] == 0 else None
+        bench = json.loads((run_dir / "bench" / "results.json").read_text()) if fresh["rc"] == 0 else None
     result = {
         "benchmark": "engine_run",
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         },
         "summary": fresh["stdout"],
         "rows": report["rows"] if report else None,
+        # throughput as a share of this machine's measured peak (bench rows; rexport.core.machine)
+        "percent_of_probe": [{k: r.get(k) for k in ("variant", "batch", "images_per_s", "percent_of_probe")}
+                            for r in (bench or {}).get("rows", []) if r.get("status") == "ok"],
+        "peaks": (bench or {}).get("machine", {}).get("peaks"),
     }
     if fresh["rc"] != 0:
         result["error"] = fresh["stderr_tail"]

@@ -286,7 +286,7 @@ def run_bench(run: RunDir, settings: BenchSettings, *, progress: bool = True) ->
         if r["status"] == "ok" and base.get(r["batch"]):
             r["speedup_vs_pytorch"] = base[r["batch"]] / r["p50_ms"]
 
-    machine = _percent_of_peak(run, rows)
+    machine = _percent_of_probe(run, rows)
 
     results = {
         "schema_version": SCHEMA_VERSION, "created": _now(), "machine": machine,
@@ -302,10 +302,10 @@ def run_bench(run: RunDir, settings: BenchSettings, *, progress: bool = True) ->
     return results
 
 
-def _percent_of_peak(run: RunDir, rows: list[dict]) -> dict:
-    """Each CPU row's throughput as a share of this machine's measured peak (INT8 rows against the INT8
-    GEMM peak, the rest against the FP32 one): a figure that two machines of one kind can compare."""
-    from rexport.core.machine import machine_fingerprint, percent_of_peak
+def _percent_of_probe(run: RunDir, rows: list[dict]) -> dict:
+    """Each CPU row's throughput as a percent of this machine's probe (INT8 rows against the INT8 Q/DQ
+    convolution, the rest against the FP32 one): a figure two machines of one kind can compare."""
+    from rexport.core.machine import machine_fingerprint, percent_of_probe
     from rexport.pipeline.model_ops import macs_per_image
 
     machine = machine_fingerprint(probe=True)
@@ -318,11 +318,11 @@ def _percent_of_peak(run: RunDir, rows: list[dict]) -> dict:
         ops = 0
     machine["ops_per_image"] = ops
     for r in rows:
-        r["percent_of_peak"] = None
+        r["percent_of_probe"] = None
         if r["status"] != "ok" or r.get("backend") == "tensorrt" or not ops:
             continue
         peak = peaks.get("int8_gops") if r.get("precision") == "int8" else peaks.get("fp32_gflops")
-        r["percent_of_peak"] = percent_of_peak(ops, r["images_per_s"], peak)
+        r["percent_of_probe"] = percent_of_probe(ops, r["images_per_s"], peak)
     return machine
 
 

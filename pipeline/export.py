@@ -194,13 +194,9 @@ def export_onnx(settings: ExportSettings, out_path: str | os.PathLike) -> dict:
         None, {"input": x.numpy()})[0]
     fold = None
     if settings.fold_preprocessing:  # raw pixels in; proven against the float graph on the same images
-        from rexport.pipeline.fold_preprocessing import fold_error, fold_preprocessing, raw_pixel_spec
+        from rexport.pipeline.fold_preprocessing import fold_proved
 
-        float_model = onnx.ModelProto()
-        float_model.CopyFrom(model)
-        model = fold_preprocessing(model, spec)
-        fold = fold_error(float_model, model, spec)
-        spec = raw_pixel_spec(spec)
+        model, spec, fold = fold_proved(model, spec)
     model.producer_name, model.producer_version = "rexport", __import__("rexport").__version__
     meta = {METADATA_KEY: spec.to_json(), "rexport.model": settings.model,
             "rexport.num_classes": str(num_classes),

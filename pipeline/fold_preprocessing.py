@@ -96,3 +96,14 @@ class RawPixelReader:
 
     def __getattr__(self, name: str):
         return getattr(self._inner, name)
+
+
+def fold_proved(model, spec):
+    """(the raw-pixel model, its spec, the measured error against the float graph on the same images):
+    what export and import both do for ``--fold-preprocessing``."""
+    import onnx
+
+    float_model = onnx.ModelProto()
+    float_model.CopyFrom(model)
+    folded = fold_preprocessing(model, spec)
+    return folded, raw_pixel_spec(spec), fold_error(float_model, folded, spec)

@@ -323,13 +323,9 @@ def import_onnx(settings: ImportSettings, out_path: str | os.PathLike) -> dict:
     smoke = float(np.abs(got[probe_batch] - ref[probe_batch]).max()) if isinstance(ref, dict) else None
     fold = None
     if settings.fold_preprocessing:  # raw pixels in; proven against the float graph on the same images
-        from rexport.pipeline.fold_preprocessing import fold_error, fold_preprocessing, raw_pixel_spec
+        from rexport.pipeline.fold_preprocessing import fold_proved
 
-        float_model = onnx.ModelProto()
-        float_model.CopyFrom(model)
-        model = fold_preprocessing(model, spec)
-        fold = fold_error(float_model, model, spec)
-        spec = raw_pixel_spec(spec)
+        model, spec, fold = fold_proved(model, spec)
     file_sha = sha256_file(path)
     model.producer_name, model.producer_version = "rexport", __import__("rexport").__version__
     meta = {METADATA_KEY: spec.to_json(), "rexport.model": settings.model, "rexport.num_classes": str(num_classes),

@@ -1,6 +1,6 @@
 """How much arithmetic one image costs a model: multiply-accumulates of its Conv, Gemm and MatMul nodes,
-read from the ONNX graph with shape inference. With a measured peak (rexport.core.machine) it turns a
-throughput figure into "% of this CPU's peak", which stays comparable across machines of one kind."""
+read from the ONNX graph with shape inference. With the machine's probe (rexport.core.machine) it turns a
+throughput figure into a percent of what this CPU measured, comparable across machines of one kind."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -122,10 +122,10 @@ def test_machine_and_share_of_measured_peak(run, results):
     assert m["ops_per_image"] == 2 * macs_per_image(run.file("onnx/model.fp32.onnx"))
     for r in results["rows"]:
         if r["status"] != "ok":
-            assert r["percent_of_peak"] is None
+            assert r["percent_of_probe"] is None
             continue
         peak = m["peaks"]["int8_gops"] if r["precision"] == "int8" else m["peaks"]["fp32_gflops"]
-        assert r["percent_of_peak"] == pytest.approx(100 * m["ops_per_image"] * r["images_per_s"] / (peak * 1e9))
+        assert r["percent_of_probe"] == pytest.approx(100 * m["ops_per_image"] * r["images_per_s"] / (peak * 1e9))
 
 
 def test_rows_cover_every_variant_and_batch(run, results):

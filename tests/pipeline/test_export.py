@@ -16,15 +16,18 @@ from rexport.models.resnet import MODELS
 from rexport.pipeline.export import ExportSettings, export_onnx, run_export
 from rexport.pipeline.manifest import RunDir
 
-# (architecture, head size, checkpoint layout): every architecture once, every layout covered.
+# (architecture, head size, checkpoint layout): every block type and every layout in the CPU suite; the
+# deeper and wider ones (same blocks, minutes of export) in `make test-slow`.
+SLOW = pytest.mark.slow
 MATRIX = [
-    ("resnet18", 1000, "plain"),
-    ("resnet34", 7, "state_dict"),
+    ("resnet18", 1000, "plain.safetensors"),
+    ("resnet34", 7, "model"),
     ("resnet50", 1000, "module"),
-    ("resnet101", 5, "model"),
-    ("resnet152", 3, "plain.safetensors"),
-    ("wide_resnet50_2", 10, "module"),
     ("resnext50_32x4d", 100, "state_dict"),
+    pytest.param("resnet18", 5, "plain", id="resnet18-5-plain"),
+    pytest.param("resnet101", 5, "model", marks=SLOW),
+    pytest.param("resnet152", 3, "plain.safetensors", marks=SLOW),
+    pytest.param("wide_resnet50_2", 10, "module", marks=SLOW),
 ]
 
 

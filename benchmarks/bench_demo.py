@@ -25,8 +25,7 @@ def collect(run_dir: Path) -> dict:
     for f in sorted((run_dir / "eval").glob("*.json")):
         ev = json.loads(f.read_text())
         rows[ev["variant"]] = {"top1": ev["top1"], "top5": ev["top5"], "n": ev["n"],
-                               "agreement_top1_vs_pytorch": ev.get("agreement_top1_vs_pytorch",
-                                                                   ev.get("agreement_top1_vs_reference"))}
+                               "agreement_top1_vs_pytorch": ev["agreement_top1_vs_reference"]}
     for f in sorted((run_dir / "validate").glob("*.json")):
         va = json.loads(f.read_text())
         rows.setdefault(va["variant"], {})["validate"] = {

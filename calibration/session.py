@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from rexport.core.errors import InputError
+from rexport.core.errors import InputError, first_line
 
 from rexport.calibration.readers import CalibrationReader
 
@@ -173,7 +173,7 @@ def run_batches(session, names: list[str], reader: CalibrationReader, total: int
             return session.run(names, {reader.input_name: x})
         except Exception as e:  # onnxruntime raises its own InvalidArgument / Fail types
             raise InputError(f"ONNX Runtime could not run {model_name} on a calibration batch of shape "
-                             f"{tuple(x.shape)}: {str(e).splitlines()[0][:300]}",
+                             f"{tuple(x.shape)}: {first_line(e, 300)}",
                              "check the data's input size matches the model") from None
 
     def work() -> None:

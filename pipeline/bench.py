@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from rexport.core.env import environment
-from rexport.core.errors import InputError, MissingDependency
+from rexport.core.errors import InputError, MissingDependency, first_line
 from rexport.core.settings import setting
 from rexport.core.fsio import atomic_write_json
 from rexport.core.preprocess import PreprocessSpec
@@ -86,11 +86,6 @@ def variant_backend(variant: str) -> str:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _row(variant: str, backend: str, precision: str | None, batch: int, status: str, reason: str | None) -> dict:
@@ -197,8 +192,8 @@ def _bench_variant(run: RunDir, variant: str, xs: dict[int, np.ndarray], setting
     except Exception as e:  # any load failure becomes this variant's rows, the bench goes on
         status = "skipped" if isinstance(e, MissingDependency) else "error"
         for r in rows:
-            r.update(status=status, reason=f"cannot load: {_one_line(e)}")
-        _say(progress, f"bench {variant}: {status}: cannot load: {_one_line(e)}")
+            r.update(status=status, reason=f"cannot load: {first_line(e, 300)}")
+        _say(progress, f"bench {variant}: {status}: cannot load: {first_line(e, 300)}")
         return rows
     try:
         for r in rows:
@@ -210,7 +205,7 @@ def _bench_variant(run: RunDir, variant: str, xs: dict[int, np.ndarray], setting
                     raise InputError(f"output shape {tuple(y.shape)} for a batch of {x.shape[0]}")
                 r.update(time_runner(runner, x, settings))
             except Exception as e:  # e.g. a batch outside an engine's profile
-                r.update(status="error", reason=f"inference failed: {_one_line(e)}")
+                r.update(status="error", reason=f"inference failed: {first_line(e, 300)}")
                 _say(progress, f"bench {variant} b{r['batch']}: error: {r['reason']}")
                 continue
             r["runner_settings"] = dict(getattr(runner, "settings", {}) or {})
@@ -314,7 +309,7 @@ def _percent_of_probe(run: RunDir, rows: list[dict]) -> dict:
         ops = 2 * macs_per_image(run.file(VARIANT_FILES["fp32"]), PreprocessSpec.from_onnx(
             run.file(VARIANT_FILES["fp32"])).input_size)
     except Exception as e:  # an imported graph shape inference cannot follow: no share of peak, said why
-        machine["ops_per_image_error"] = _one_line(e)
+        machine["ops_per_image_error"] = first_line(e, 300)
         ops = 0
     machine["ops_per_image"] = ops
     for r in rows:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from rexport.core.errors import InputError, MissingDependency, RexportError
+from rexport.core.errors import InputError, MissingDependency, RexportError, first_line
 
 #: how often Ray reruns a task whose worker died (a node lost, a process killed)
 MAX_RETRIES = 3
@@ -48,7 +48,7 @@ def ray_session(address: str | None) -> Iterator[Any]:
         try:
             ray.init(address=None if address in (None, "default") else address, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
-            raise InputError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0][:200]}",
+            raise InputError(f"cannot connect to the Ray cluster at {address}: {first_line(e, 200)}",
                              "start one with 'ray start --head' or pass its address, e.g. --ray 10.0.0.1:6379") \
                 from None
         opened = True
@@ -94,7 +94,7 @@ def run_tasks(ray, fn: Callable, calls: list[tuple], *, what: str,
                 raise ShardFailed(f"{what} {i} of {len(refs)} failed on Ray: {reason[:300]}") from None
             except ray.exceptions.RayError as e:  # the worker died more often than Ray retries
                 raise ShardFailed(f"{what} {i} of {len(refs)} failed on Ray after {MAX_RETRIES} retries: "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+                                  f"{type(e).__name__}: {first_line(e, 200)}") from None
         attempts = ray.get(log.attempts.remote())
     finally:
         for ref in refs[len(results):]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rexport.core.errors import InputError
+from rexport.core.errors import InputError, first_line
 from rexport.core.fsio import atomic_path
 from rexport.core.preprocess import METADATA_KEY, PreprocessSpec
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
@@ -145,7 +145,7 @@ def _to_onnx_model(torch_model, settings: ExportSettings):
                                         output_names=["logits"], verbose=False, optimize=True, **kwargs)
     except Exception as e:  # torch.export's UserError, TorchExportError...: the model's code does not trace
         summary = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("<class")),
-                       (str(e).strip().splitlines() or [type(e).__name__])[0])
+                       first_line(e, None))
         raise InputError(f"torch.onnx.export cannot export {settings.model}: {summary[:300]}",
                          "make the model's forward traceable by torch.export (or export it yourself and "
                          "use 'rexport import --onnx')") from None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rexport.core.errors import InputError
+from rexport.core.errors import InputError, first_line
 from rexport.core.fsio import atomic_path, sha256_file
 from rexport.core.preprocess import METADATA_KEY, PreprocessSpec
 from rexport.pipeline.export import (DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, drop_downstream, portable_head,
@@ -133,7 +133,7 @@ def convert_opset(model, target: int, path: Path):
             warnings.simplefilter("ignore")
             return version_converter.convert_version(model, target)
     except Exception as e:  # the converter has no adapter for an op, or the graph breaks its checks
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e, 200)
         raise InputError(f"ONNX's version converter cannot bring {path.name} from opset {source} to {target}: {first}",
                          f"pass --opset {source} if it is in {MIN_OPSET}..{MAX_OPSET}, or re-export the model "
                          f"with opset {target}") from None
@@ -242,7 +242,7 @@ def _probe(model, batches: tuple[int, ...], size: int, seed: int) -> dict[int, n
         x = rng.standard_normal((max(batches), 3, size, size), dtype=np.float32)
         return {b: _run(s, x[:b]) for b in batches}
     except Exception as e:  # ORT's Fail/InvalidArgument/RuntimeException: a shape baked into the graph
-        return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return first_line(e, 200)
 
 
 def check_output(y: np.ndarray, batch: int, name: str) -> int:

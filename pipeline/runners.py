@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rexport.core.errors import InputError
+from rexport.core.errors import InputError, first_line
 from rexport.core.preprocess import PreprocessSpec
 
 
@@ -96,7 +96,7 @@ class OnnxRuntimeRunner(Runner):
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=self.providers)
         except Exception as e:  # ORT raises Fail/InvalidProtobuf/InvalidGraph/NoSuchFile
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            first = first_line(e, 200)
             raise InputError(f"ONNX Runtime cannot load {self.path}: {first}",
                              "pass a complete .onnx file (re-run 'rexport export')") from None
         self.input_name = self.session.get_inputs()[0].name

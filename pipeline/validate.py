@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rexport.core.errors import InputError
+from rexport.core.errors import InputError, first_line
 from rexport.core.settings import setting
 from rexport.core.fsio import atomic_write_json, sha256_json
 from rexport.core.preprocess import PreprocessSpec
@@ -247,7 +247,7 @@ def validate_onnx_file(path: str | os.PathLike, run: RunDir, settings: ValidateS
     except InputError:
         raise
     except Exception as e:  # ORT's InvalidArgument/Fail: the file does not fit this run's model
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e, 200)
         raise InputError(f"{p} cannot run on this run's inputs: {first}",
                          "validate a model exported from this run's checkpoint") from None
     res = {"variant": p.name, "precision": precision, "reference": reference_variant(run), "inputs": inputs,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from rexport.core.env import cpu_info, package_version
-from rexport.core.errors import InputError, MissingDependency
+from rexport.core.errors import InputError, MissingDependency, first_line
 from rexport.core.preprocess import PreprocessSpec
 from rexport.pipeline.backends import Backend, BuildSettings, register
 from rexport.pipeline.backends.sidecar import (make_sidecar, read_sidecar, refuse_incompatible, verify_engine_files,
@@ -119,7 +119,7 @@ class OpenVINOBackend(Backend):
 
             devices = ov.Core().available_devices
         except Exception as e:  # a broken install raises anything from ImportError to RuntimeError
-            return f"openvino cannot start: {str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}"
+            return f"openvino cannot start: {first_line(e, 160)}"
         if DEVICE not in devices:
             return f"OpenVINO has no {DEVICE} device here (devices: {', '.join(devices) or 'none'})"
         return None
@@ -155,7 +155,7 @@ class OpenVINOBackend(Backend):
         try:
             model = ov.convert_model(str(onnx_path))
         except Exception as e:  # the ONNX frontend raises OpConversionFailure, GeneralFailure, ...
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            first = first_line(e, 200)
             raise InputError(f"OpenVINO cannot convert {onnx_path}: {first}",
                              "re-run 'rexport export' (or 'rexport quantize') to rewrite it") from None
         batch_mode = self._keep_batch_dynamic(model)
@@ -204,7 +204,7 @@ class OpenVINOBackend(Backend):
         try:
             model.reshape(shapes)
         except Exception as e:  # a graph with batch-dependent constants: keep its fixed batch, and say so
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            first = first_line(e, 160)
             warnings.warn(f"OpenVINO cannot make the batch dimension dynamic ({first}); "
                           "the engine keeps the file's fixed batch")
             return f"fixed (reshape to a dynamic batch failed: {first})"

@@ -30,3 +30,11 @@ class CheckFailed(RexportError):
     """A measured check failed (numerics out of tolerance, accuracy target missed): exit code 1."""
 
     exit_code = 1
+
+
+def first_line(e: BaseException, limit: int | None = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), cut to ``limit``:
+    how a third-party failure is quoted in a one-line error."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else type(e).__name__
+    return text[:limit] if limit else text

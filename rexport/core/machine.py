@@ -17,6 +17,8 @@ import platform
 import time
 from pathlib import Path
 
+from rexport.core.errors import first_line
+
 # The ISA features that decide CNN inference speed on x86 (FP32 FMA width, INT8 dot products, BF16, AMX)
 # and their Arm counterparts.
 FINGERPRINT_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
@@ -179,7 +181,7 @@ def measured_peaks(*, refresh: bool = False) -> dict:
             doc[key] = round(probe(), 1)
         except Exception as e:  # recorded, not hidden: the fingerprint says which figure is missing and why
             doc[key] = None
-            doc[f"{key}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            doc[f"{key}_error"] = f"{type(e).__name__}: {first_line(e)}"
     doc["busy"] = _busy(doc["loadavg_1m"], ident["cores_usable"])  # other work competed with the probe
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 pure inference time, on the same images, in the same run, with the same thread settings.
 
 Generates N JPEGs of ImageNet-like sizes (sides 300-500 px, quality 90) in 10 class folders, makes a
-ResNet-18 run at 224 with every variant this machine builds (7 with BF16 hardware), then:
+ResNet-18 run at 224 with every variant this machine builds (7 without BF16 hardware, 8 with), then:
   - pure: each variant over the images preloaded as arrays (decoded beforehand, not timed), before
     and after the evaluate passes, averaged;
   - evaluate: ``run_evaluate(force=True)`` with 0, 1, 2... decode worker processes (0: in process);
@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
     from rexport.core.env import environment
+    from rexport.core.machine import machine_fingerprint
     from rexport.pipeline.evaluate import EvaluateSettings, open_labelled_set
     from rexport.pipeline.variants import list_variants
 
@@ -173,7 +174,7 @@ def main() -> None:
         "memory": memory,
         "memory_growth_ratio": round(memory[-1]["peak_rss_bytes"] / memory[0]["peak_rss_bytes"], 3),
         "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
-        "machine": environment(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_fingerprint(), "environment": environment(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "peak_rss_this_process_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_engine.py", "bench_demo.py", "bench_calibration.py", "bench_int8_placement.py"]
+BENCHMARKS = ["bench_engine.py", "bench_demo.py", "bench_calibration.py", "bench_int8_placement.py",
+              "bench_int8_forms.py", "bench_sensitivity.py", "bench_budget_engine.py", "bench_evaluate.py"]
 
 
 def main() -> int:

@@ -108,6 +108,25 @@ def train_digits(data: DigitsData, checkpoint: str | os.PathLike, *, epochs: int
     return {"epochs": log}
 
 
+def outlier_twin(checkpoint: str | os.PathLike, out: str | os.PathLike, *, block: str = "layer2.0",
+                 channel: int = 3, factor: float = 200.0) -> str:
+    """Write the FP32-equivalent twin of a resnet checkpoint with one outlier channel: ``block``'s first
+    BN scales ``channel`` by ``factor`` (relu(kx) = k relu(x) for k > 0) and its conv2 divides the matching
+    input weights by it. Trained networks often carry such channels; plain min-max INT8 does not survive
+    them. Returns the name of the layer whose input carries the outlier."""
+    import torch
+
+    if factor <= 0:
+        raise InputError(f"outlier factor must be positive, got {factor}", "pass a factor > 0")
+    sd = torch.load(checkpoint)
+    sd[f"{block}.bn1.weight"][channel] *= factor
+    sd[f"{block}.bn1.bias"][channel] *= factor
+    sd[f"{block}.conv2.weight"][:, channel] /= factor
+    with atomic_path(out, suffix=".pth") as tmp:
+        torch.save(sd, tmp)
+    return f"{block}.conv2"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="artifacts/demo")

@@ -1,10 +1,11 @@
-"""Which Q/DQ placement makes OpenVINO (the CPU engine) fastest on our INT8 ONNX?
+"""Our INT8 files on the CPU engine (OpenVINO) against NNCF's own INT8, ONNX Runtime's quantizer and FP32.
 
 Builds random-weight ResNets at 224 (BatchNorm statistics filled from a few random batches so the folded
 model has realistic biases and activation ranges), calibrates min-max ranges with ONNX Runtime, writes
-our INT8 Q/DQ file in several placements with ``insert_qdq``, quantizes the same model with NNCF (the
-anchor: OpenVINO's own INT8) and with ONNX Runtime's quantizer, and times everything with OpenVINO on the
-CPU next to ORT/OpenVINO FP32.
+both INT8 forms the quantize stage writes (``int8-openvino``: "ours", and the TensorRT form) with
+``insert_qdq``, compiles them as ``rexport build`` does (its INT8 pass, and each file as-is beside),
+quantizes the same model with NNCF (the anchor: OpenVINO's own INT8) and with ONNX Runtime's quantizer,
+and times everything with OpenVINO on the CPU next to ORT/OpenVINO FP32.
 
     .venv/bin/python benchmarks/bench_int8_placement.py            # resnet18+resnet50, batch 1 and 8
     .venv/bin/python benchmarks/bench_int8_placement.py --models resnet18 --batches 8 --rounds 2
@@ -17,7 +18,7 @@ background load hits every configuration alike:
   CPU-second = batch / median CPU time per batch. This one measures the work itself and stays within
   ~2 % on a shared, loaded machine, where wall clock does not; placement decisions use it.
 FP32 rows use INFERENCE_PRECISION_HINT=f32; the INT8 rows keep OpenVINO's default for the layers left in
-float (bf16 on CPUs with AVX512-BF16), the same for ours and NNCF's. Needs nncf (dev extra).
+float (bf16 on CPUs with AVX512-BF16), the same for ours and NNCF's. Needs nncf (bench extra).
 """
 from __future__ import annotations
 
@@ -39,19 +40,19 @@ from rexport.core.fsio import atomic_write_json
 from rexport.core.preprocess import PreprocessSpec
 from rexport.pipeline.export import ExportSettings, export_onnx
 from rexport.pipeline.quantization import QdqSettings, insert_qdq, tensors_to_calibrate
+from rexport.pipeline.quantization.forms import OPENVINO_FORM, TENSORRT_FORM, form_settings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "int8_placement.json"
 SIZE = 224
 
-#: our placements; "ours" is the default QdqSettings() that the pipeline ships
+#: our files: the two INT8 forms the quantize stage writes (rexport.pipeline.quantization.forms)
 VARIANTS: dict[str, QdqSettings] = {
-    "ours": QdqSettings(),
-    "ours-int8w": QdqSettings(int8_weights=True),
-    "ours-add-residual": QdqSettings(residual_add="residual"),
-    "ours-pool-float": QdqSettings(quantize_pool_inputs=False),
+    "ours": form_settings(QdqSettings(), OPENVINO_FORM),
+    "ours-tensorrt-form": form_settings(QdqSettings(), TENSORRT_FORM),
 }
-#: placements also timed after ``ov_unsigned_after_relu`` (the proposed OpenVINO-builder pass)
-OV_UNSIGNED = ("ours", "ours-add-residual")
+#: timed as ``rexport build`` compiles them (prepare_int8: unsigned post-ReLU quantizers, and 7-bit weights
+#: after signed activations on a CPU without VNNI); "<name>-file-as-is" is the same file without that pass
+BUILDER_PASS = ("ours", "ours-tensorrt-form")
 
 
 def export_fp32(name: str, path: Path, seed: int = 0) -> None:
@@ -124,13 +125,16 @@ def ort_quantizer_int8(fp32: Path, out: Path, batches: list[np.ndarray]) -> Path
     return out
 
 
-def ov_unsigned_after_relu(model):
-    """The OpenVINO builder's unsigned pass (rexport.pipeline.backends.openvino), on a copy."""
-    from rexport.pipeline.backends.openvino import unsigned_after_relu
+def as_builder_compiles(path: Path) -> tuple[object, dict]:
+    """The OpenVINO model ``rexport build`` makes from an INT8 file (rexport.pipeline.backends.openvino),
+    and what its INT8 pass did."""
+    import openvino as ov
 
-    model = model.clone()
-    unsigned_after_relu(model)
-    return model
+    from rexport.core.env import cpu_info
+    from rexport.pipeline.backends.openvino import prepare_int8
+
+    model = ov.convert_model(str(path))
+    return model, prepare_int8(model, cpu_info()["isa"])
 
 
 def _compiled_openvino(model, batch: int, config: dict):
@@ -195,8 +199,10 @@ def environment() -> dict:
     import nncf
     import openvino as ov
 
+    from rexport.core.machine import machine_fingerprint
+
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "openvino": ov.__version__,
+    return {"machine": machine_fingerprint(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "openvino": ov.__version__,
             "onnxruntime": ort.__version__, "onnx": onnx.__version__, "nncf": nncf.__version__,
             "ov_default_inference_precision": str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))}
 
@@ -240,9 +246,10 @@ def main(argv: list[str] | None = None) -> int:
                 reports[vname] = {"settings": asdict(settings), "qdq_pairs": rep.qdq_pairs,
                                   "activation_qdq": len(rep.activation_amax), "size_bytes": rep.size_bytes}
             t0 = time.perf_counter()
-            for v in OV_UNSIGNED:
+            for v in BUILDER_PASS:
                 if v in models:
-                    models[f"{v}+ov-unsigned"] = ov_unsigned_after_relu(ov.Core().read_model(str(models[v])))
+                    models[f"{v}-file-as-is"] = models[v]
+                    models[v], reports[v]["builder_pass"] = as_builder_compiles(models[v])
             models["ort-quantizer"] = ort_quantizer_int8(fp32, work / f"{name}.ort-quantizer.onnx", calib)
             models["nncf"] = nncf_int8(fp32, calib)
             print(f"[{name}] peers quantized in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

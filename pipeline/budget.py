@@ -141,7 +141,7 @@ class _Search:
                             self.data.labels["selection"])
 
     def try_step(self, fix: str, ranges: dict, method: str, exclude: tuple[str, ...], layer: str | None) -> dict:
-        k = len(self.steps)
+        k, t0 = len(self.steps), time.perf_counter()
         path = self.work / f"step-{k}.onnx"
         self.write(ranges, exclude, path)
         fig = self.judge.figures(_ort_logits(path, self.data.x["selection"]))
@@ -149,6 +149,7 @@ class _Search:
                 "fallback_layers": list(exclude), "fallback_names": [self.names.get(n, n) for n in exclude],
                 "selection": fig,
                 "latency": openvino_latency_ms(path) if self.settings.latency else {"skipped": "off"}}
+        step["seconds"] = round(time.perf_counter() - t0, 3)  # write, ORT on the selection split, latency
         step["_ranges"], step["_path"] = ranges, path
         self.steps.append(step)
         return step

@@ -21,6 +21,7 @@ from rexport.core.settings import setting
 from rexport.core.fsio import atomic_write_json
 from rexport.core.preprocess import PreprocessSpec
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
+from rexport.pipeline.summaries import BenchSummary
 from rexport.pipeline.variants import (NO_PYTORCH, REFERENCE, list_variants, open_variant, reference_variant,
                                        variant_precision)
 
@@ -327,7 +328,7 @@ def bench_outcome(results: dict) -> StageOutcome:
     for r in results["rows"]:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     errors = sorted({f"{r['variant']}: {r['reason']}" for r in results["rows"] if r["status"] == "error"})
-    return StageOutcome(outputs=[RESULTS_FILE], summary={"rows": counts, "errors": errors})
+    return StageOutcome(outputs=[RESULTS_FILE], summary=BenchSummary(rows=counts, errors=errors).to_json())
 
 
 def bench_inputs(run: RunDir) -> dict:

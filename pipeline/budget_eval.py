@@ -9,6 +9,7 @@ import numpy as np
 from rexport.core.fsio import read_json
 from rexport.pipeline.budget_stage import SPLITS_FILE
 from rexport.pipeline.manifest import RunDir
+from rexport.pipeline.summaries import QuantizeSummary
 
 _FINGERPRINTS: dict[tuple[str, int], list[str]] = {}
 
@@ -24,8 +25,8 @@ def _row_fingerprints(data) -> list[str]:
 def budget_split_figures(run: RunDir, data, kept: np.ndarray, result: dict, ref: dict | None) -> dict:
     """{"budget_splits": ...} for an eval record (``result``, over ``data`` rows ``kept``), or {} when the
     run's INT8 file was not chosen within a budget."""
-    st = run.stage("quantize:int8") or {}
-    if not (st.get("summary") or {}).get("budget") or not run.file(SPLITS_FILE).is_file():
+    q = QuantizeSummary.of(run)
+    if not (q and q.budget) or not run.file(SPLITS_FILE).is_file():
         return {}
     splits = read_json(run.file(SPLITS_FILE))["fingerprints"]
     fps = _row_fingerprints(data)

@@ -15,6 +15,7 @@ from rexport.pipeline.budget import BudgetOutcome, BudgetSettings, search_budget
 from rexport.pipeline.budget_data import BudgetData, split_budget_data
 from rexport.pipeline.manifest import RunDir
 from rexport.pipeline.sensitivity import SensitivitySettings
+from rexport.pipeline.summaries import ExportSummary
 
 __all__ = ["budget_settings", "budget_splits", "run_budget", "budget_outputs", "with_exclusions"]
 
@@ -41,7 +42,7 @@ def budget_settings(settings) -> BudgetSettings | None:
 def budget_splits(run: RunDir, settings, budget: BudgetSettings, spec: PreprocessSpec,
                   calibration_fingerprints: set[str]) -> BudgetData:
     """The selection and confirmation splits of ``--val-data``; drawn (and checked) before any work."""
-    num_classes = int(run.require_export()["summary"]["num_classes"])
+    num_classes = ExportSummary.of(run).num_classes
     return split_budget_data(settings.budget_val_data, spec, num_classes,
                              need_labels=budget.max_accuracy_drop is not None,
                              calibration_fingerprints=calibration_fingerprints, fraction=budget.fraction,

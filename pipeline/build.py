@@ -16,6 +16,7 @@ from rexport.core.fsio import atomic_dir
 from rexport.pipeline.backends import Backend, BuildSettings, get_backend
 from rexport.pipeline.backends.sidecar import SIDECAR_NAME, write_sidecar
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
+from rexport.pipeline.summaries import BuildSummary, QuantizeSummary
 
 def engine_dir_name(backend: str, precision: str) -> str:
     return f"{backend}-{precision}"
@@ -30,8 +31,8 @@ def _calibration_cache(run: RunDir, b: Backend, precision: str) -> Path | None:
     """The TensorRT calibration cache that 'quantize:int8' wrote beside the Q/DQ model (legacy TensorRT 8.x builds)."""
     if b.name != "tensorrt" or precision != "int8":
         return None
-    st = run.stage("quantize:int8") or {}
-    rel = (st.get("summary") or {}).get("tensorrt_cache")
+    q = QuantizeSummary.of(run)
+    rel = q.tensorrt_cache if q else None
     if rel and run.file(rel).is_file():
         return run.file(rel)
     return None
@@ -113,9 +114,10 @@ def _build_action(run: RunDir, b: Backend, precision: str, src: Path, settings: 
         size = sum((final / f).stat().st_size for f in sidecar["engine_files"])
         return StageOutcome(
             outputs=[f"engines/{folder}/{f}" for f in files],
-            summary={"backend": b.name, "precision": precision, "engine_dir": f"engines/{folder}",
-                     # which file the engine was compiled from (int8 for TensorRT, int8-openvino for OpenVINO)
-                     "source_onnx": sidecar["source_onnx"]["file"],
-                     "source_variant": sidecar["source_onnx"]["variant"],
-                     "size_mib": round(size / 2**20, 2), "build_seconds": sidecar["build_seconds"]})
+            summary=BuildSummary(backend=b.name, precision=precision, engine_dir=f"engines/{folder}",
+                                 # which file the engine was compiled from (int8 for TensorRT, int8-openvino
+                                 # for OpenVINO)
+                                 source_onnx=sidecar["source_onnx"]["file"],
+                                 source_variant=sidecar["source_onnx"]["variant"],
+                                 size_mib=round(size / 2**20, 2), build_seconds=sidecar["build_seconds"]).to_json())
     return action

@@ -40,6 +40,7 @@ from rexport.core.settings import setting
 from rexport.pipeline.backends.sidecar import SIDECAR_NAME, read_sidecar, verify_engine_files
 from rexport.pipeline.deploy import FORMATS, check_variants, get_format, refusal, tensorrt_compiles, writer
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir
+from rexport.pipeline.summaries import QuantizeSummary
 from rexport.pipeline.variants import engine_dirs
 
 BUNDLE_SCHEMA = 1
@@ -76,7 +77,8 @@ def default_variants(run: RunDir, *, build_on_device: bool = False) -> list[str]
 
 def _tensorrt_cache(run: RunDir) -> Path | None:
     """The calibration cache written with the current int8 model (quantize:int8), else the only one there is."""
-    rel = ((run.stage("quantize:int8") or {}).get("summary") or {}).get("tensorrt_cache")
+    q = QuantizeSummary.of(run)
+    rel = q.tensorrt_cache if q else None
     if rel and run.file(rel).is_file():
         return run.file(rel)
     found = sorted((run.path / "calibration").glob("*.tensorrt.cache"))

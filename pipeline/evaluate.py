@@ -23,6 +23,7 @@ from rexport.core.preprocess import PreprocessSpec
 from rexport.pipeline.decode import BatchDecoder
 from rexport.pipeline.labelled import LabelledSet
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
+from rexport.pipeline.summaries import EvaluateSummary, ExportSummary, QuantizeSummary
 from rexport.pipeline.variants import REFERENCE, list_variants, open_variant, reference_variant
 
 __all__ = ["EvaluateSettings", "LabelledSet", "Predictions", "run_evaluate", "predict", "open_labelled_set"]
@@ -75,7 +76,7 @@ def top_classes(logits: np.ndarray, k: int = TOPK) -> np.ndarray:
 
 def open_labelled_set(run: RunDir, settings: EvaluateSettings) -> LabelledSet:
     spec = PreprocessSpec.from_onnx(run.file(VARIANT_FILES["fp32"]))
-    num_classes = int(run.require_export()["summary"]["num_classes"])
+    num_classes = ExportSummary.of(run).num_classes
     return LabelledSet(settings.val_data, spec, num_classes, settings.samples, settings.seed)
 
 
@@ -130,12 +131,11 @@ def run_evaluate(run: RunDir, settings: EvaluateSettings, variants: list[str] | 
 
             result.update(budget_split_figures(run, data, p.kept, result, ref))
             atomic_write_json(run.file(f"eval/{v}.json"), result)
-            summary = {k: result[k] for k in ("top1", "top5", "n", "drop_top1_vs_reference")}
             # one pass ran every variant here; the first stage's duration holds the whole pass
-            summary["one_pass_with"] = list(p.top)
-            if p.info:
-                summary["ray"] = p.info
-            return StageOutcome(outputs=[f"eval/{v}.json"], summary=summary)
+            summary = EvaluateSummary(top1=result["top1"], top5=result["top5"], n=result["n"],
+                                      drop_top1_vs_reference=result["drop_top1_vs_reference"],
+                                      one_pass_with=list(p.top), ray=p.info or None)
+            return StageOutcome(outputs=[f"eval/{v}.json"], summary=summary.to_json())
 
         rec = run.run_stage(f"evaluate:{v}", inputs=stage_inputs[v], settings=st_settings, action=action,
                             force=v in todo)
@@ -207,6 +207,5 @@ def confusion_summary(labels: np.ndarray, pred: np.ndarray, names: list[str] | N
 
 def _calibration_overlap(run: RunDir, data: LabelledSet) -> int:
     """How many evaluation samples the INT8 calibration also used (by content hash)."""
-    st = run.stage("quantize:int8")
-    used = ((st or {}).get("summary") or {}).get("calibration", {}).get("sample_sha256") or []
-    return len(set(used) & data.fingerprints()) if used else 0
+    used = QuantizeSummary.calibration_samples(run)
+    return len(used & data.fingerprints()) if used else 0

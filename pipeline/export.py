@@ -24,6 +24,7 @@ from rexport.core.errors import InputError, first_line
 from rexport.core.fsio import atomic_path
 from rexport.core.preprocess import METADATA_KEY, PreprocessSpec
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
+from rexport.pipeline.summaries import ExportSummary
 
 DEFAULT_OPSET = 17          # loads in TensorRT 8.5 (JetPack 5) and every later TensorRT
 MIN_OPSET, MAX_OPSET = 17, 21
@@ -215,13 +216,13 @@ def export_onnx(settings: ExportSettings, out_path: str | os.PathLike) -> dict:
     ops: dict[str, int] = {}
     for n in model.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return {
-        "model": settings.model, "num_classes": num_classes, "random_weights": loaded.random_weights,
-        "weights_sha256": loaded.weights_sha256, "opset": settings.opset, "batch": settings.batch,
-        "nodes": len(model.graph.node), "ops": ops, "size_mib": round(len(data) / 2**20, 3),
-        "smoke_max_abs_error": float(np.abs(got - ref).max()),
-        "fold_preprocessing": settings.fold_preprocessing, "fold_max_abs_error": fold,
-    }
+    return ExportSummary(
+        model=settings.model, num_classes=num_classes, random_weights=loaded.random_weights,
+        weights_sha256=loaded.weights_sha256, opset=settings.opset, batch=settings.batch,
+        nodes=len(model.graph.node), ops=ops, size_mib=round(len(data) / 2**20, 3),
+        smoke_max_abs_error=float(np.abs(got - ref).max()),
+        fold_preprocessing=settings.fold_preprocessing, fold_max_abs_error=fold,
+    ).to_json()
 
 
 def run_export(run: RunDir, settings: ExportSettings, *, force: bool = False) -> dict:

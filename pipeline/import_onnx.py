@@ -21,6 +21,7 @@ from rexport.core.preprocess import METADATA_KEY, PreprocessSpec
 from rexport.pipeline.export import (DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, drop_downstream, portable_head,
                                      recorded_spec)
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
+from rexport.pipeline.summaries import ImportSummary
 
 MIN_SOURCE_OPSET = 13
 _FLOAT, _FLOAT16 = 1, 10          # onnx.TensorProto.FLOAT / FLOAT16
@@ -341,12 +342,14 @@ def import_onnx(settings: ImportSettings, out_path: str | os.PathLike) -> dict:
     with atomic_path(out_path) as tmp:
         tmp.write_bytes(data)
     last = model.graph.node[-1].op_type
-    return {"model": settings.model, "source": str(path), "source_sha256": file_sha, "num_classes": num_classes,
-            "random_weights": False, "imported": True, "input_dtype": input_dtype, "source_opset": source_opset,
-            "opset": _opset(model), "output": "probabilities" if last == "Softmax" else "logits",
-            **batch_info, "notes": notes, "nodes": len(model.graph.node), "size_mib": round(len(data) / 2**20, 3),
-            "fold_preprocessing": settings.fold_preprocessing, "fold_max_abs_error": fold,
-            "smoke_max_abs_error": smoke, "smoke": "imported file vs the file as given, ONNX Runtime, seeded input"}
+    return ImportSummary(
+        model=settings.model, source=str(path), source_sha256=file_sha, num_classes=num_classes,
+        random_weights=False, imported=True, input_dtype=input_dtype, source_opset=source_opset,
+        opset=_opset(model), output="probabilities" if last == "Softmax" else "logits",
+        batch=batch_info["batch"], batch_note=batch_info["batch_note"], notes=notes, nodes=len(model.graph.node),
+        size_mib=round(len(data) / 2**20, 3), fold_preprocessing=settings.fold_preprocessing,
+        fold_max_abs_error=fold, smoke_max_abs_error=smoke,
+        smoke="imported file vs the file as given, ONNX Runtime, seeded input").to_json()
 
 
 def run_import(run: RunDir, settings: ImportSettings, *, force: bool = False) -> dict:

@@ -125,6 +125,7 @@ def cell_row(run: RunDir, cell: Cell) -> dict:
             "top1_agreement": row.get("top1_agreement"), "size_mib": row.get("size_mib"),
             "p50_ms": row.get("p50_ms"), "latency_batch": row.get("latency_batch"),
             "images_per_s": row.get("images_per_s"), "throughput_batch": row.get("throughput_batch"),
+            "percent_of_probe": row.get("percent_of_probe"),
             "validation": row.get("validation"), "note": note}
 
 

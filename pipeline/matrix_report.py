@@ -9,8 +9,10 @@ from pathlib import Path
 from rexport.core.fsio import atomic_write_json, atomic_write_text
 from rexport.pipeline.reporting.formatting import fmt
 
-HEADERS = ["cell", "variant", "status", "acc top-1", "acc top-5", "size MiB", "p50 ms", "img/s", "numerics", "note"]
-NUMERIC = {3, 4, 5, 6, 7}
+#: '% of probe': throughput against the probe of the machine that measured it, comparable across machines
+HEADERS = ["cell", "variant", "status", "acc top-1", "acc top-5", "size MiB", "p50 ms", "img/s", "% of probe",
+           "numerics", "note"]
+NUMERIC = {3, 4, 5, 6, 7, 8}
 
 
 def quality_key(cells: list[dict]) -> tuple[str, str]:
@@ -61,7 +63,7 @@ def _table_rows(cells: list[dict]) -> list[list[str]]:
     return [[c["cell"], c.get("variant") or "-", c.get("status", "-"), fmt("accuracy_top1", c.get("accuracy_top1")),
              fmt("accuracy_top5", c.get("accuracy_top5")), fmt("size_mib", c.get("size_mib")),
              fmt("p50_ms", c.get("p50_ms")), fmt("images_per_s", c.get("images_per_s")),
-             c.get("validation") or "-", c.get("note") or ""] for c in cells]
+             fmt("percent_of_probe", c.get("percent_of_probe")), c.get("validation") or "-", c.get("note") or ""] for c in cells]
 
 
 def write_matrix_report(out: Path, cells: list[dict], meta: dict) -> dict:

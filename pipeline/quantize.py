@@ -18,6 +18,7 @@ from rexport.core.settings import setting
 from rexport.core.preprocess import PreprocessSpec
 from rexport.calibration.choice import METHODS as CALIB_METHODS
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
+from rexport.pipeline.summaries import CalibrationSummary, ExportSummary, Fp16Summary, FormSummary, QuantizeSummary
 
 PRECISIONS = ("fp16", "int8")
 
@@ -87,7 +88,7 @@ def run_quantize(run: RunDir, settings: QuantizeSettings, *, progress: bool = Tr
 
         def fp16_action() -> StageOutcome:
             report = convert_fp16(fp32, run.file(rel))
-            return StageOutcome(outputs=[rel], summary=asdict(report))
+            return StageOutcome(outputs=[rel], summary=Fp16Summary.from_report(report).to_json())
 
         return run.run_stage("quantize:fp16", inputs={"fp32": fp32}, settings={"precision": "fp16"},
                              action=fp16_action, force=force)
@@ -156,33 +157,33 @@ def run_quantize(run: RunDir, settings: QuantizeSettings, *, progress: bool = Tr
                                                   result.tensorrt_cache_path.with_name(f"{result.key}.int8.tensorrt.cache"))
         trt_rel = str(trt_cache["path"].relative_to(run.path))
         layers_rel = str(trt_cache["layers_path"].relative_to(run.path))
-        summary = {
-            "calibration": {"method": outcome.method if outcome else calib.method, "samples": result.samples, "data": settings.calib_data,
-                            "description": result.data_description, "synthetic": result.synthetic,
-                            "key": result.key, "reused": result.reused, "seconds": round(result.seconds, 3),
-                            "statistics_reused": result.statistics_reused,
-                            # method "auto": how many tensors got each method (per tensor: the calibration file)
-                            "per_tensor_methods": {m: list(result.choices.values()).count(m)
-                                                   for m in sorted(set(result.choices.values()))},
-                            # which samples were used, so evaluation can warn about overlap
-                            "sample_sha256": sorted(reader.sample_fingerprints()) if not reader.synthetic else []},
-            "calibration_file": cal_rel, "tensorrt_cache": trt_rel,
-            "tensorrt_cache_tensors": {"kept": trt_cache["kept"], "left_out": trt_cache["left_out"]},
-            "tensorrt_layers": layers_rel,
-            "qdq": asdict(forms.reports["int8"]),   # the TensorRT form, the ``int8`` variant
-            "forms": {form: {"file": VARIANT_FILES[form], "target": FORM_TARGETS[form], "qdq": asdict(r)}
-                      for form, r in forms.reports.items()},
-            "int8_float": forms.int8_float, "int8_float_requested": settings.int8_float,
-            "int8_float_fallback_reason": forms.fallback_reason,
-            "int8_float_proof": forms.proof.to_dict() if forms.proof else None,
-            "int8_float_file": asdict(forms.float_report) if forms.float_report else None,
-            "int8_fp32_float_file": kept_fp32_float[0] if kept_fp32_float else None,
-        }
+        summary = QuantizeSummary(
+            calibration=CalibrationSummary(
+                method=outcome.method if outcome else calib.method, samples=result.samples, data=settings.calib_data,
+                description=result.data_description, synthetic=result.synthetic, key=result.key,
+                reused=result.reused, seconds=round(result.seconds, 3), statistics_reused=result.statistics_reused,
+                # method "auto": how many tensors got each method (per tensor: the calibration file)
+                per_tensor_methods={m: list(result.choices.values()).count(m)
+                                    for m in sorted(set(result.choices.values()))},
+                # which samples were used, so evaluation can warn about overlap
+                sample_sha256=sorted(reader.sample_fingerprints()) if not reader.synthetic else []),
+            calibration_file=cal_rel, tensorrt_cache=trt_rel,
+            tensorrt_cache_tensors={"kept": trt_cache["kept"], "left_out": trt_cache["left_out"]},
+            tensorrt_layers=layers_rel,
+            qdq=asdict(forms.reports["int8"]),   # the TensorRT form, the ``int8`` variant
+            forms={form: FormSummary(file=VARIANT_FILES[form], target=FORM_TARGETS[form], qdq=asdict(r))
+                   for form, r in forms.reports.items()},
+            int8_float=forms.int8_float, int8_float_requested=settings.int8_float,
+            int8_float_fallback_reason=forms.fallback_reason,
+            int8_float_proof=forms.proof.to_dict() if forms.proof else None,
+            int8_float_file=asdict(forms.float_report) if forms.float_report else None,
+            int8_fp32_float_file=kept_fp32_float[0] if kept_fp32_float else None,
+            # a missed budget keeps the best files found, marked as such: status failed (exit 1), never accepted
+            budget=outcome.summary if outcome else None,
+        ).to_json()
         outputs = [*(VARIANT_FILES[f] for f in FORMS), *kept_fp32_float, cal_rel, trt_rel, layers_rel]
         if outcome is None:
             return StageOutcome(outputs=outputs, summary=summary)
-        # a missed budget keeps the best files found, marked as such: status failed (exit 1), never accepted
-        summary["budget"] = outcome.summary
         return StageOutcome(outputs=outputs + budget_stage.budget_outputs(outcome), summary=summary,
                             status="ok" if outcome.met else "failed", reason=None if outcome.met else
                             outcome.summary["message"])
@@ -209,7 +210,7 @@ def _float_proof_inputs(run: RunDir, settings: QuantizeSettings, spec: Preproces
         return x, None
     from rexport.pipeline.labelled import LabelledSet
 
-    num_classes = int(run.require_export()["summary"]["num_classes"])
+    num_classes = ExportSummary.of(run).num_classes
     data = LabelledSet(settings.int8_float_val_data, spec, num_classes, None, settings.seed)
 
     def labelled():

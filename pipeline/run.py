@@ -17,6 +17,7 @@ from typing import Any, Callable
 from rexport.core.errors import InputError
 from rexport.core.settings import setting, settings_dict
 from rexport.pipeline.manifest import RunDir
+from rexport.pipeline.summaries import BenchSummary
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -187,7 +188,7 @@ def run_all(run: RunDir, s: RunSettings, echo: Callable[[str, dict], None], *,
         echo("evaluate", run.record_skip("evaluate", "no labelled data given (--val-data / VAL=)"))
     bench = run_bench_stage(run, bench_settings, progress=s.progress, force=False)
     echo("bench", bench)
-    if bench.get("summary", {}).get("errors"):
+    if (BenchSummary.from_stage(bench) or BenchSummary(rows={})).errors:
         failed.append("bench")
     echo("report", run_report_stage(run))
     return {"failed": failed, "seconds": time.perf_counter() - t_start}

@@ -33,6 +33,7 @@ from rexport.core.preprocess import PreprocessSpec
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
 from rexport.pipeline.per_layer import per_layer_errors
 from rexport.pipeline.runners import OnnxRuntimeRunner, Runner
+from rexport.pipeline.summaries import ExportSummary, ValidateSummary
 from rexport.pipeline.validation_inputs import calibration_samples, make_inputs
 from rexport.pipeline.variants import (engine_dirs, list_variants, open_variant, reference_runner,
                                        reference_variant, source_variant, variant_precision)
@@ -169,7 +170,7 @@ def gates_on_real_data(run: RunDir, inputs: dict) -> bool:
 
 
 def _random_weights(run: RunDir) -> bool:
-    return bool(run.require_export()["summary"].get("random_weights"))
+    return bool(ExportSummary.of(run).random_weights)
 
 
 def run_batches(runner: Runner, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -299,8 +300,8 @@ def run_validate(run: RunDir, settings: ValidateSettings, variants: list[str] | 
             c = prepared()
             result = validate_variant(run, v, settings, x=c["x"], inputs=c["inputs"], reference=c["ref"])
             atomic_write_json(run.file(rel), result)
-            return StageOutcome(outputs=[rel], summary={"passed": result["passed"], "metrics": result["metrics"],
-                                                        "failures": result["failures"]},
+            summary = ValidateSummary(passed=result["passed"], metrics=result["metrics"], failures=result["failures"])
+            return StageOutcome(outputs=[rel], summary=summary.to_json(),
                                 status="ok" if result["passed"] else "failed",
                                 reason="; ".join(result["failures"]) or None)
 

@@ -12,6 +12,7 @@ from rexport.core.errors import InputError
 from rexport.core.fsio import sha256_file
 from rexport.core.preprocess import PreprocessSpec, list_images
 from rexport.pipeline.manifest import RunDir
+from rexport.pipeline.summaries import QuantizeSummary
 
 
 def make_inputs(spec: PreprocessSpec, settings,
@@ -99,5 +100,4 @@ def _array_inputs(path: Path, spec: PreprocessSpec, settings, rng,
 
 def calibration_samples(run: RunDir) -> frozenset[str]:
     """Content hashes of the samples the run's INT8 calibration used (empty before calibration)."""
-    st = run.stage("quantize:int8") or {}
-    return frozenset(((st.get("summary") or {}).get("calibration") or {}).get("sample_sha256") or [])
+    return QuantizeSummary.calibration_samples(run)

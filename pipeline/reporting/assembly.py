@@ -35,10 +35,11 @@ def _calibration(src: Sources) -> dict | None:
     q = src.stages.get("quantize:int8")
     if not q:
         return None
-    cal = dict(q.get("summary", {}).get("calibration") or {})
-    if not cal:
+    summary = src.summary("quantize:int8")
+    if summary is None:
         return {"status": q.get("status"), "reason": q.get("reason"), "text": "no calibration recorded"}
-    cal["tensorrt_cache"] = q.get("summary", {}).get("tensorrt_cache")
+    cal = summary.calibration.to_json()
+    cal["tensorrt_cache"] = summary.tensorrt_cache
     if cal.get("synthetic"):
         cal["warning"] = SYNTHETIC_CALIBRATION_WARNING
     parts = [f"{cal.get('method', '?')} on {cal.get('samples', '?')} samples from {cal.get('data', '?')}"]
@@ -157,10 +158,11 @@ def build_report(run: RunDir) -> dict:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "run_dir": str(run.path),
         "model": src.manifest.get("model") or export_settings.get("model"),
-        "num_classes": src.export.get("summary", {}).get("num_classes") or export_settings.get("num_classes"),
+        "num_classes": getattr(src.export_summary, "num_classes", None) or export_settings.get("num_classes"),
         "preprocess": export_settings.get("preprocess"),
         "command": src.manifest.get("command"),
         "environment": env,
+        "machine": (src.bench or {}).get("machine"),   # the probe behind '% of probe' (rexport.core.machine)
         "weights": weights,
         "calibration": calibration,
         "warnings": _warnings(src, rows, weights, calibration),

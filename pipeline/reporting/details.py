@@ -12,7 +12,8 @@ def _details(report: dict) -> list[tuple[str, list[str], list[list[str]], list[s
     out = []
     bench = report.get("bench")
     if bench and bench.get("rows"):
-        keys = ["p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "images_per_s", "speedup_vs_pytorch"]
+        keys = ["p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "images_per_s", "percent_of_probe",
+                "speedup_vs_pytorch"]
         rows = []
         for r in bench["rows"]:
             rs = r.get("runner_settings") or {}
@@ -24,7 +25,8 @@ def _details(report: dict) -> list[tuple[str, list[str], list[list[str]], list[s
                 rows.append([r["variant"], str(r["batch"]), "ok"] + [fmt(k, r.get(k)) for k in keys]
                             + [str(r.get("iterations")), setting])
         out.append(("Benchmark (every row)", ["variant", "batch", "status", "p50 ms", "p90 ms", "p99 ms", "mean ms",
-                                              "std ms", "img/s", "speed-up", "calls", "runner settings"], rows))
+                                              "std ms", "img/s", "% of probe", "speed-up", "calls",
+                                              "runner settings"], rows))
     if report.get("validation"):
         keys = ["max_abs", "max_rel", "rel_to_range", "cosine_min", "cosine_mean", "top1_agreement", "top5_agreement"]
         rows = []
@@ -57,6 +59,32 @@ def _details(report: dict) -> list[tuple[str, list[str], list[list[str]], list[s
     return out
 
 
+def machine_text(machine: dict | None) -> str:
+    """The machine the latencies were measured on and its probe figures, the yardstick of '% of probe'."""
+    if not machine:
+        return "not recorded (no bench results, or a bench from before the machine was recorded)"
+    cpu, peaks = machine.get("cpu") or {}, machine.get("peaks") or {}
+    parts = [f"id {machine.get('id')}: {cpu.get('model_name')}, {cpu.get('cores_usable')} usable cores"
+             + (", under a hypervisor" if cpu.get("hypervisor") else "")]
+    probe = []
+    for key, unit, name in (("fp32_gflops", "GFLOP/s", "FP32"), ("int8_gops", "GOP/s", "INT8")):
+        value = peaks.get(key)
+        probe.append(f"{name} {value} {unit}" if value is not None else
+                     f"{name} not measured ({peaks.get(key + '_error') or 'no probe recorded'})")
+    load = peaks.get("loadavg_1m")
+    parts.append("probe (a measured yardstick, not the hardware's peak): " + ", ".join(probe)
+                 + (f", measured {peaks['measured_at']}" if peaks.get("measured_at") else "")
+                 + (f" at load average {load:.2f}" if load is not None else "")
+                 + (" (machine busy)" if peaks.get("busy") else "") + (" (cached)" if peaks.get("cached") else ""))
+    if peaks.get("method"):
+        parts.append(f"probe: {peaks['method']}")
+    ops = machine.get("ops_per_image")
+    parts.append(f"'% of probe' = {ops / 1e9:.3f} GOP per image x images/s / the probe figure (INT8 rows "
+                 "against INT8, the rest against FP32; TensorRT rows none)" if ops else
+                 f"no '% of probe': {machine.get('ops_per_image_error') or 'operations per image not counted'}")
+    return "; ".join(parts)
+
+
 def _facts(report: dict) -> list[tuple[str, str]]:
     env = report["environment"]
     cpu, gpu = env.get("cpu") or {}, env.get("gpu")
@@ -75,6 +103,7 @@ def _facts(report: dict) -> list[tuple[str, str]]:
         ("environment", f"CPU {cpu.get('model')} ({cpu.get('cores')} cores, {isa}); "
                         f"GPU {gpu['name'] if gpu else 'none'}; Python {env.get('python')}; {env.get('os')}; "
                         f"{versions}{busy}; source: {env.get('source')}"),
+        ("machine", machine_text(report.get("machine"))),
         ("validation inputs", val_inputs),
         ("latency", report["latency_definition"]),
         ("throughput", report["throughput_definition"] or "-"),

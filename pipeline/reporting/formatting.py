@@ -21,6 +21,7 @@ FORMATS: dict[str, Callable[[Any], str]] = {
     "p50_ms": "{:.3f}".format, "p90_ms": "{:.3f}".format, "p99_ms": "{:.3f}".format,
     "mean_ms": "{:.3f}".format, "std_ms": "{:.3f}".format, "min_ms": "{:.3f}".format,
     "images_per_s": "{:.1f}".format, "speedup_vs_pytorch": "{:.2f}x".format,
+    "percent_of_probe": "{:.1f}%".format,   # of this machine's probe convolution (rexport.core.machine)
 }
 
 

@@ -75,9 +75,9 @@ def rows_of(src: Sources) -> list[dict]:
             "top1_agreement": None, "top5_agreement": None, "validation": None, "validation_failures": [],
             "against_source": None, "accuracy_top1": None, "accuracy_top5": None, "eval_n": None,
             "drop_top1_vs_reference": None, "latency_batch": lat_b, "p50_ms": None, "p90_ms": None, "p99_ms": None,
-            "throughput_batch": thr_b, "images_per_s": None, "speedup_vs_pytorch": None,
+            "throughput_batch": thr_b, "images_per_s": None, "percent_of_probe": None, "speedup_vs_pytorch": None,
             "bench": {str(b): {k: r.get(k) for k in ("status", "reason", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
-                                                     "images_per_s", "speedup_vs_pytorch")}
+                                                     "images_per_s", "percent_of_probe", "speedup_vs_pytorch")}
                       for b, r in sorted(by_batch.items())},
             "notes": [],
         }
@@ -111,6 +111,7 @@ def rows_of(src: Sources) -> list[dict]:
                        speedup_vs_pytorch=lr.get("speedup_vs_pytorch"))
         if tr and tr.get("status") == "ok":
             row["images_per_s"] = tr.get("images_per_s")
+            row["percent_of_probe"] = tr.get("percent_of_probe")  # the machine's yardstick: see its section
         if row["status"] == "ok":
             bad = sorted({r.get("reason") or r.get("status") for r in by_batch.values() if r.get("status") != "ok"})
             for reason in bad:

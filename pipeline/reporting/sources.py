@@ -5,6 +5,7 @@ from rexport.core.errors import InputError
 from rexport.core.fsio import read_json
 from rexport.pipeline.bench import RESULTS_FILE
 from rexport.pipeline.manifest import RunDir
+from rexport.pipeline.summaries import ExportSummary, ImportSummary, Summary, summary_class
 from rexport.pipeline.variants import engine_dirs
 
 
@@ -18,6 +19,7 @@ class Sources:
         self.manifest = run.manifest
         self.stages: dict[str, dict] = self.manifest.get("stages", {})
         self.problems: list[str] = []
+        self._summaries: dict[str, Summary | None] = {}
         self.used_files: list[str] = []
         self.validate = self._read_dir("validate")
         self.evaluate = self._read_dir("eval")
@@ -59,12 +61,29 @@ class Sources:
                     out[data.get("variant") or p.stem] = data
         return out
 
+    def summary(self, stage: str) -> Summary | None:
+        """The typed summary of a manifest stage, None when it has none; a record this version cannot read
+        is reported as a problem (the report still builds), never raised."""
+        if stage not in self._summaries:
+            cls, self._summaries[stage] = summary_class(stage), None
+            try:
+                self._summaries[stage] = cls.from_stage(self.stages.get(stage), stage=stage) if cls else None
+            except InputError as e:
+                self.problems.append(f"{e.message}; its figures are left out")
+        return self._summaries[stage]
+
+    @property
+    def export_summary(self) -> ExportSummary | ImportSummary | None:
+        return self.summary("export" if "export" in self.stages else "import")
+
     @property
     def export(self) -> dict:
         return self.stages.get("export") or self.stages.get("import") or {}   # import: a run from an ONNX file
 
     @property
     def random_weights(self) -> bool:
-        ex = self.export
-        return bool(ex.get("summary", {}).get("random_weights", ex.get("settings", {}).get("weights") is None))
+        s = self.export_summary
+        if s is not None and s.random_weights is not None:
+            return bool(s.random_weights)
+        return self.export.get("settings", {}).get("weights") is None  # the oldest runs: no random_weights
 

@@ -15,6 +15,7 @@ def _columns(rows: list[dict], *, full: bool) -> list[tuple[str, str]]:
     if full:
         cols += [("accuracy_top5", "acc top-5")]
     cols += [("p50_ms", f"p50 ms @b{lat_b}"), ("images_per_s", f"img/s @b{thr_b}"),
+             ("percent_of_probe", f"% of probe @b{thr_b}"),
              ("speedup_vs_pytorch", f"speed-up @b{lat_b}"), ("validation", "numerics")]
     return cols
 

@@ -8,6 +8,7 @@ import click
 from rexport.cli.common import Ctx, open_run, log_command, out_option
 from rexport.cli.options import settings_from_kwargs, settings_options
 from rexport.pipeline.evaluate import EvaluateSettings
+from rexport.pipeline.summaries import EvaluateSummary
 
 #: ``--ray`` alone: ray.init()'s own choice (a cluster started on this machine, else a local one)
 RAY_DEFAULT = "default"
@@ -47,7 +48,8 @@ def evaluate(c: Ctx, variants, force, out, ray, **kwargs):
         drop = res["drop_top1_vs_reference"]
         c.line(f"  {r['variant']}: top-1 {res['top1']:.2%}, top-5 {res['top5']:.2%} on {res['n']} images"
                + (f", drop vs {res.get('reference') or 'reference'} {drop * 100:+.2f} pt" if drop is not None and r['variant'] != 'pytorch' else ""))
-        info = (r.get("summary") or {}).get("ray")
+        s = EvaluateSummary.from_stage(r, stage=f"evaluate:{r['variant']}")
+        info = s.ray if s else None
         if info and not r.get("reused") and not said_ray:  # one pass for every variant: say it once
             said_ray = True
             c.line(f"  ray: {info['shards']} shards on {len(info['hosts'])} host(s), {info['retries']} retried")

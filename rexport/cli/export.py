@@ -6,6 +6,7 @@ import click
 from rexport.cli.common import Ctx, log_command, new_run_guard, open_run, out_option
 from rexport.cli.options import settings_from_kwargs, settings_options
 from rexport.pipeline.export_options import ExportOptions
+from rexport.pipeline.summaries import ExportSummary
 
 
 @click.command()
@@ -25,7 +26,7 @@ def export(c: Ctx, force, out, **kwargs):
         log_command(run)
         rec = run_export(run, settings, force=force)
     c.stage("export", rec)
-    if rec["summary"].get("random_weights"):
+    if ExportSummary.from_stage(rec, stage="export").random_weights:
         c.line(f"note: no --weights given: seeded random init (seed {seed}); accuracy figures mean nothing")
     c.line(f"wrote {run.file('onnx/model.fp32.onnx')}")
     c.emit(rec)

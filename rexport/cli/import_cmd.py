@@ -10,6 +10,7 @@ from rexport.cli.common import Ctx, log_command, open_run, out_option
 from rexport.cli.options import settings_from_kwargs, settings_options
 from rexport.core.errors import InputError
 from rexport.pipeline.export_options import ExportOptions
+from rexport.pipeline.summaries import ImportSummary
 
 #: the PyTorch model's options, which an imported ONNX file has no use for
 PYTORCH_ONLY = ("model", "weights", "num_classes", "trust_checkpoint", "seed")
@@ -45,10 +46,11 @@ def import_cmd(c: Ctx, force, out, **kwargs):
             shutil.rmtree(run.path, ignore_errors=True)
         raise
     c.stage("import", rec)
-    s = rec["summary"]
-    c.line(f"imported {s['source']} (opset {s['source_opset']} -> {s['opset']}, {s['batch_note']}, "
-           f"{s['num_classes']} classes, max abs change {s['smoke_max_abs_error']:.3g})")
-    for note in s.get("notes") or []:
+    s = ImportSummary.from_stage(rec, stage="import")
+    change = "-" if s.smoke_max_abs_error is None else f"{s.smoke_max_abs_error:.3g}"
+    c.line(f"imported {s.source} (opset {s.source_opset} -> {s.opset}, {s.batch_note}, "
+           f"{s.num_classes} classes, max abs change {change})")
+    for note in s.notes:
         c.line(f"note: {note}")
     c.line(f"wrote {run.file('onnx/model.fp32.onnx')}")
     c.emit(rec)

@@ -8,6 +8,7 @@ import click
 from rexport.cli.common import Ctx, open_run, log_command, out_option
 from rexport.cli.options import settings_from_kwargs, settings_options
 from rexport.core.errors import CheckFailed
+from rexport.pipeline.summaries import ExportSummary
 from rexport.pipeline.validate import ValidateSettings
 
 
@@ -34,7 +35,7 @@ def validate(c: Ctx, variants, onnx_file, force, out, **kwargs):
     with run.locked():
         log_command(run)
         recs = run_validate(run, settings, list(variants) or None, force=force)
-    if run.require_export()["summary"].get("random_weights"):
+    if ExportSummary.of(run).random_weights:
         c.line("note: the model has seeded random weights (no --weights): agreement figures are not a trained model's")
     failed = []
     for rec in recs:

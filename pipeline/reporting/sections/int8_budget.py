@@ -10,8 +10,9 @@ ORDER = 40
 
 
 def budget_summary(src) -> dict | None:
-    st = (src.stages.get("quantize:int8") or {}) if hasattr(src, "stages") else src
-    return (st.get("summary") or {}).get("budget")
+    """The budget search's record in the INT8 quantization summary (None without a budget)."""
+    q = src.summary("quantize:int8")
+    return q.budget if q else None
 
 
 def _pts(v) -> str:

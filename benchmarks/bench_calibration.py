@@ -4,11 +4,14 @@ images, every method, with peak memory.
 Each measurement runs in its own process (which imports rexport.calibration, not torch), so its peak
 RSS (VmHWM) is its own. The plain pass (a default ORT session over the same images at the same batch
 size) runs before and after the model's calibrations; the ratios divide by their mean, in wall time
-and in process CPU time (user + system of all threads: steadier on a shared machine). A second run on
+and in process CPU time (user + system of all threads: steadier on a shared machine). A plain pass
+with calibration's own session options (basic graph optimization, which keeps the ranges identical;
+no spinning) separates what the statistics cost from what that optimization level costs: its ratio
+to the default pass is the floor of the others. A second run on
 the same cache shows the reuse, and "auto after entropy" the per-tensor choice from cached statistics.
 Figures go to benchmarks/results/calibration.json and a table on stdout.
 
-    .venv/bin/python benchmarks/bench_calibration.py [--models resnet18 resnet50] [--samples 512]
+    .venv/bin/python benchmarks/bench_calibration.py [--models resnet18 resnet50] [--samples 512] [--out FILE]
 """
 from __future__ import annotations
 
@@ -38,12 +41,19 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _plain_pass(model: Path, reader, *, spinning: bool) -> dict:
+def _plain_pass(model: Path, reader, *, options: str) -> dict:
+    """One plain ORT pass: ``options`` "default" (ORT's defaults: all optimizations, spinning threads),
+    "nospin" (the same without spinning) or "same" (exactly calibration's session options)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    if not spinning:  # as calibration's session: idle ORT threads do not spin (less CPU time, same work)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from rexport.calibration.session import session_options
+
+    if options == "same":
+        opts = session_options()
+    else:
+        opts = ort.SessionOptions()
+        if options == "nospin":  # as calibration's session: idle ORT threads do not spin (less CPU time, same work)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
     reader.rewind()
     samples = 0
@@ -51,6 +61,9 @@ def _plain_pass(model: Path, reader, *, spinning: bool) -> dict:
         session.run(None, feed)
         samples += len(feed[reader.input_name])
     return {"reused": False, "tensors": 0, "samples": samples, "key": ""}
+
+
+PLAIN = {"plain": "default", "plain-nospin": "nospin", "plain-same": "same"}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -63,7 +76,7 @@ def child(args: argparse.Namespace) -> None:
     reader = open_reader_for("synthetic", PreprocessSpec(input_size=args.size), settings)
     cpu0, start = os.times(), time.perf_counter()
     if args.method.startswith("plain"):
-        figures = _plain_pass(args.model, reader, spinning=args.method == "plain")
+        figures = _plain_pass(args.model, reader, options=PLAIN[args.method])
     else:
         result = calibrate(args.model, reader, settings, args.cache, progress=False)
         figures = {"reused": result.reused, "statistics_reused": result.statistics_reused,
@@ -148,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             _export(name, args.size, model)
             plain = [_run_child(model, "plain", Path(tmp) / "unused", args)]
             nospin = _run_child(model, "plain-nospin", Path(tmp) / "unused", args)
+            same = _run_child(model, "plain-same", Path(tmp) / "unused", args)
             model_rows = []
             for method in args.methods:
                 cache = Path(tmp) / f"cache-{name}-{method}"
@@ -161,8 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             ok = [p for p in plain if p["status"] == "ok"]
             base = ({"seconds": sum(p["seconds"] for p in ok) / len(ok),
                      "cpu_seconds": sum(p["cpu_seconds"] for p in ok) / len(ok)} if ok else None)
+            floor = ({"cpu": round(same["cpu_seconds"] / base["cpu_seconds"], 3),
+                      "wall": round(same["seconds"] / base["seconds"], 3)} if base and same["status"] == "ok" else None)
             rows.append({"model": name, "method": "plain ORT FP32 pass", "runs": plain, "mean": base,
-                         "no_spinning": nospin})
+                         "no_spinning": nospin, "same_options": same, "same_options_ratio": floor})
+            if floor:
+                print(f"{name}: a plain pass with calibration's session options (basic optimization, no spinning) "
+                      f"takes {floor['wall']:.2f}x wall, {floor['cpu']:.2f}x CPU of the default plain pass")
             for row in model_rows:
                 cold = row["cold"]
                 if cold["status"] == "ok" and base:
@@ -170,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                     row["ratio_cpu"] = round(cold["cpu_seconds"] / base["cpu_seconds"], 3)
                     if nospin["status"] == "ok":
                         row["ratio_cpu_vs_no_spinning"] = round(cold["cpu_seconds"] / nospin["cpu_seconds"], 3)
+                    if same["status"] == "ok":
+                        row["ratio_wall_vs_same_options"] = round(cold["seconds"] / same["seconds"], 3)
+                        row["ratio_cpu_vs_same_options"] = round(cold["cpu_seconds"] / same["cpu_seconds"], 3)
                     target = TARGET_RATIO.get(row["method"])
                     row["target_ratio"] = target
                     row["meets_target_cpu"] = None if target is None else row["ratio_cpu"] <= target
@@ -192,7 +214,11 @@ def main(argv: list[str] | None = None) -> int:
                     "user+system time over all threads; peak_rss_bytes: VmHWM of that process; load_*: 1-min "
                     "load average around the run (other work on the machine inflates wall time more than CPU "
                     "time); ratio_cpu_vs_no_spinning: against a plain pass whose idle ORT threads do not spin "
-                    "(as calibration's own session), the stricter CPU comparison. 'auto after entropy' reuses entropy's cached statistics: no pass over the data."}
+                    "(as calibration's own session), the stricter CPU comparison. ratio_*_vs_same_options: against a plain pass with "
+                    "exactly calibration's session options (rexport.calibration.session.session_options: basic graph "
+                    "optimization, which keeps the ranges bit-identical, no spinning): what collecting the statistics "
+                    "costs on top of running the model; same_options_ratio: that pass against the default one, the "
+                    "floor the ratios to the default pass cannot go under while the ranges stay identical. 'auto after entropy' reuses entropy's cached statistics: no pass over the data."}
     from rexport.core.fsio import atomic_write_json
 
     atomic_write_json(args.out, doc)
@@ -204,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 def _print_row(row: dict, base: dict | None) -> None:
     if not hasattr(_print_row, "header"):
         print(f"{'model':<10} {'method':<19} {'seconds':>8} {'cpu s':>7} {'x wall':>7} {'x cpu':>6} {'x cpu*':>7} "
-              f"{'peak GB':>8} {'load':>5} {'reused s':>9}   (x cpu*: vs a plain pass without spinning)")
+              f"{'x same':>7} {'peak GB':>8} {'load':>5} {'reused s':>9}   (x cpu*: CPU vs a plain pass without "
+              "spinning; x same: CPU vs a plain pass with calibration's session options)")
         _print_row.header = True  # type: ignore[attr-defined]
     c, w = row["cold"], row["reused"]
     if c["status"] != "ok":
@@ -213,6 +240,7 @@ def _print_row(row: dict, base: dict | None) -> None:
     print(f"{row['model']:<10} {row['method']:<19} {c['seconds']:>8.1f} {c['cpu_seconds']:>7.1f} "
           f"{row.get('ratio_wall', float('nan')):>7.2f} {row.get('ratio_cpu', float('nan')):>6.2f} "
           f"{row.get('ratio_cpu_vs_no_spinning', float('nan')):>7.2f} "
+          f"{row.get('ratio_cpu_vs_same_options', float('nan')):>7.2f} "
           f"{c['peak_rss_bytes'] / 2**30:>8.2f} {c['load_before']:>5.1f} {w.get('seconds', float('nan')):>9.2f}")
 
 

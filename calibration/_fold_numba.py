@@ -1,75 +1,85 @@
 """numba kernels for the histogram fold (imported only when numba is installed).
 
-One branch-free pass per value: |x|, zero count, NaN flag, the bin index ``int(|x| * scale)``
-(float32 multiply, truncation, clipped to the last bin, exactly as the numpy path computes it), and
-an increment into one of four interleaved count tables (so that runs of one bin, e.g. ReLU zeros,
-do not serialise on one counter). The main loop is unrolled by four (measured 25% faster than one
-loop indexed ``i & 3``); the tail takes table 0.
+Each kernel works block by block: a loop that only computes bin indices (the float32 multiply,
+truncation and clip to the last bin, exactly as the numpy path computes them), then a loop that
+only increments counts, spread over ``TABLES`` count tables so that runs of one bin (ReLU zeros) do
+not serialise on one counter. Splitting the two is what lets the index loop run in SIMD: it measured
+1.1-1.5 ns per value against 2.6-3.3 for the former one-loop kernel that did both per value.
+
+A Relu output is folded from its input in the same read. When both histograms have the same scale
+(their ranges agree, the common case) one increment per value serves both: counts are kept apart
+for x > 0 and x <= 0, the |x| histogram is their sum and the Relu one the x > 0 part. Otherwise a
+second pass counts the positives at the Relu scale (1.7 ns per value for both passes, measured,
+against 2.4 for one loop that packed the positive values' indices).
+
+The kernels are module-level functions so that numba's on-disk cache holds them: the closures they
+replaced were compiled anew in every process (1.4 s of CPU per calibration). They do not look for
+NaN: ``fold`` is given the batch's min and max, which numpy computes NaN-propagating, and refuses a
+batch whose min or max is not finite; the clip to [0, last bin] keeps any index in bounds anyway.
 """
 from __future__ import annotations
 
+import numba
+import numpy as np
 
-def compile(numba):  # noqa: A001 - the module's one entry point
-    import numpy as np
-
-    njit = numba.njit(cache=True, nogil=True, boundscheck=False)
-    inline = numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
-    inf = np.inf
-    zero = np.float32(0.0)
-
-    @inline
-    def index(v, scale, top):
-        return min(max(int(v * scale), 0), top)
-
-    @inline
-    def count(v, scale, counts, j):
-        """Count |x| = ``v`` into table ``j``; (is it zero, is it NaN or infinite)."""
-        counts[j, index(v, scale, counts.shape[1] - 1)] += 1
-        return v == 0, not (v < inf)
-
-    @inline
-    def count_both(y, scale, counts, relu_scale, relu_counts, j):
-        v, r = abs(y), y if y > zero else zero  # r float32, as np.maximum(x, 0) gives
-        counts[j, index(v, scale, counts.shape[1] - 1)] += 1
-        relu_counts[j, index(r, relu_scale, relu_counts.shape[1] - 1)] += 1
-        return v == 0, r == 0, not (v < inf)
-
-    @njit
-    def abs_counts(x, scale, counts):
-        zeros = 0
-        bad = False
-        n = x.shape[0]
-        m = n - n % 4
-        for i in range(0, m, 4):
-            for j in range(4):
-                z, b = count(abs(x[i + j]), scale, counts, j)
-                zeros += z
-                bad |= b
-        for i in range(m, n):
-            z, b = count(abs(x[i]), scale, counts, 0)
-            zeros += z
-            bad |= b
-        return zeros, bad
-
-    @njit
-    def abs_and_relu_counts(x, scale, counts, relu_scale, relu_counts):
-        zeros = relu_zeros = 0
-        bad = False
-        n = x.shape[0]
-        m = n - n % 4
-        for i in range(0, m, 4):
-            for j in range(4):
-                z, rz, b = count_both(x[i + j], scale, counts, relu_scale, relu_counts, j)
-                zeros, relu_zeros, bad = zeros + z, relu_zeros + rz, bad | b
-        for i in range(m, n):
-            z, rz, b = count_both(x[i], scale, counts, relu_scale, relu_counts, 0)
-            zeros, relu_zeros, bad = zeros + z, relu_zeros + rz, bad | b
-        return zeros, relu_zeros, bad
-
-    return _Kernels(abs_counts, abs_and_relu_counts)
+TABLES = 2  # count tables (rows of ``counts``); 2 of int32 x 2048 (x 2 signs) stay in L1
+BLOCK = 1024  # values per index block
+_JIT = dict(cache=True, nogil=True, boundscheck=False)
 
 
-class _Kernels:
-    def __init__(self, abs_counts, abs_and_relu_counts) -> None:
-        self.abs_counts = abs_counts
-        self.abs_and_relu_counts = abs_and_relu_counts
+@numba.njit(**_JIT)
+def _scatter(idx, m, counts):
+    """counts[t, idx[k]] += 1 for the first ``m`` indices, alternating the two tables."""
+    q = m - m % 2
+    for k in range(0, q, 2):
+        counts[0, idx[k]] += 1
+        counts[1, idx[k + 1]] += 1
+    for k in range(q, m):
+        counts[0, idx[k]] += 1
+
+
+@numba.njit(**_JIT)
+def _nonzeros(blk):
+    n = 0
+    for k in range(blk.shape[0]):
+        n += np.int64(blk[k] != np.float32(0.0))
+    return n
+
+
+@numba.njit(**_JIT)
+def abs_counts(x, scale, counts, split):
+    """Count |x| at ``scale`` into ``counts`` (exact zeros land in bin 0); returns the number of exact
+    zeros. ``counts`` is (TABLES, bins), or with ``split`` (TABLES, 2 * bins): columns [0, bins) for
+    x <= 0, [bins, 2 * bins) for x > 0."""
+    bins = np.int32(counts.shape[1] // 2 if split else counts.shape[1])
+    offset = bins if split else np.int32(0)
+    top = bins - np.int32(1)
+    idx = np.empty(BLOCK, np.int32)
+    n = x.shape[0]
+    nonzero = 0
+    for start in range(0, n, BLOCK):
+        blk = x[start:start + BLOCK]
+        m = blk.shape[0]
+        for k in range(m):
+            y = blk[k]
+            idx[k] = max(min(np.int32(abs(y) * scale), top), np.int32(0)) + np.int32(y > np.float32(0.0)) * offset
+        nonzero += _nonzeros(blk)
+        _scatter(idx, m, counts)
+    return n - nonzero
+
+
+@numba.njit(**_JIT)
+def positive_counts(x, scale, counts):
+    """Count the x > 0 at ``scale`` into ``counts`` (TABLES, bins + 1); every x <= 0 goes to the last
+    column, which is not a bin (the caller drops it: those are the Relu output's zeros)."""
+    top = np.int32(counts.shape[1] - 2)
+    idx = np.empty(BLOCK, np.int32)
+    n = x.shape[0]
+    for start in range(0, n, BLOCK):
+        blk = x[start:start + BLOCK]
+        m = blk.shape[0]
+        for k in range(m):
+            y = blk[k]
+            i = max(min(np.int32(y * scale), top), np.int32(0))
+            idx[k] = i if y > np.float32(0.0) else top + np.int32(1)
+        _scatter(idx, m, counts)

@@ -101,7 +101,10 @@ def augmented_session(model, plan: CollectionPlan, *, values: bool, optimization
     less CPU on ResNet-18 but 8% more on ResNet-50, and 2-3x the peak memory (ResNet-50 minmax:
     1.73 GB against 0.55 GB at 64 images, growing with the run count); its activations also differ
     in the last bits (another accumulation order), so ranges would move (up to 13 ulps, entropy's
-    by a bin)."""
+    by a bin). That is also why calibration cannot cost one default ORT pass: a plain pass at "basic"
+    takes 1.13-1.39x the CPU of the default ("all") one on ResNet-18 and 1.12-1.20x on ResNet-50
+    (measured on 2 loaded cores, batches alternated between the sessions); benchmarks/bench_calibration.py
+    reports that floor as ``same_options_ratio``."""
     import onnx
     import onnxruntime as ort
 
@@ -139,18 +142,27 @@ def augmented_session(model, plan: CollectionPlan, *, values: bool, optimization
         g.node.append(node)
         for out in node.output:
             g.node.extend(reductions.get(out, []))
+    session = ort.InferenceSession(model.SerializeToString(), session_options(optimization),
+                                   providers=["CPUExecutionProvider"])
+    return session, names, layout
+
+
+def session_options(optimization: str = "basic"):
+    """The ORT session options calibration runs with (also the benchmark's same-options plain pass):
+    ``optimization`` level, idle threads that do not spin (the worker thread and the caller's fold
+    share the cores), priority-based execution order (see ``augmented_session``)."""
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     try:
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION[optimization])
     except KeyError:
         raise ValueError(f"optimization must be one of {sorted(OPTIMIZATION)}, got {optimization!r}") from None
     opts.log_severity_level = 3
-    # The worker thread and the caller's fold share the cores: idle ORT threads must not spin.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if hasattr(ort, "ExecutionOrder"):
         opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return session, names, layout
+    return opts
 
 
 _DONE = object()

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import rexport_cli
+from conftest import rexport_cli, rexport_cli_many
 from rexport.models.resnet import resnet18
 
 
@@ -44,7 +44,7 @@ def bad_checkpoints(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("args,words", [
+BAD_EXPORTS = [
     (["--weights", "{d}/missing.pth"], ["missing.pth", "not found"]),
     (["--weights", "{d}/garbage.pth"], ["garbage.pth"]),
     (["--weights", "{d}/truncated.pth"], ["truncated.pth"]),
@@ -52,13 +52,23 @@ def bad_checkpoints(tmp_path_factory):
     (["--weights", "{d}/evil.pth"], ["run code", "--trust-checkpoint"]),
     (["--model", "resnet19"], ["resnet19"]),
     (["--opset", "9"], ["opset 9"]),
-])
-def test_export_bad_input(tmp_path, bad_checkpoints, args, words):
-    out = tmp_path / "run"
-    args = [a.format(d=bad_checkpoints) for a in args]
-    proc = rexport_cli("export", "--input-size", "32", "--out", out, *args)
-    assert_clean_failure(proc, 2, *words)
-    assert not out.exists(), "a failed export must leave nothing behind"
+]
+
+
+@pytest.fixture(scope="module")
+def bad_exports(bad_checkpoints, tmp_path_factory):
+    """Every bad export, each into its own --out, run by the real entry point in one subprocess."""
+    root = tmp_path_factory.mktemp("bad_exports")
+    argvs = [["export", "--input-size", "32", "--out", root / f"run{i}", *[a.format(d=bad_checkpoints) for a in args]]
+             for i, (args, _) in enumerate(BAD_EXPORTS)]
+    return root, rexport_cli_many(*argvs, results=root / "results.json")
+
+
+@pytest.mark.parametrize("case", range(len(BAD_EXPORTS)), ids=["-".join(a).rsplit("/", 1)[-1].lstrip("-") for a, _ in BAD_EXPORTS])
+def test_export_bad_input(bad_exports, case):
+    root, procs = bad_exports
+    assert_clean_failure(procs[case], 2, *BAD_EXPORTS[case][1])
+    assert not (root / f"run{case}").exists(), "a failed export must leave nothing behind"
 
 
 def test_unwritable_output_directory(tmp_path):
@@ -90,8 +100,10 @@ def test_export_validate_and_bad_onnx_files(tmp_path):
     onnx_bytes = (out / "onnx" / "model.fp32.onnx").read_bytes()
     (tmp_path / "truncated.onnx").write_bytes(onnx_bytes[: len(onnx_bytes) // 3])
     (tmp_path / "text.onnx").write_text("hello")
-    for name in ("truncated.onnx", "text.onnx"):
-        proc = rexport_cli("validate", "--out", out, "--onnx", tmp_path / name)
+    names = ("truncated.onnx", "text.onnx")
+    procs = rexport_cli_many(*[["validate", "--out", out, "--onnx", tmp_path / n] for n in names],
+                             results=tmp_path / "bad_onnx.json")
+    for name, proc in zip(names, procs):
         assert_clean_failure(proc, 2, name)
 
 

@@ -36,19 +36,26 @@ def _labelled_npz(path: Path, n: int = 32) -> Path:
     return path
 
 
-def make_run(root: Path) -> RunDir:
-    """A real run directory made by the real stages: export, INT8, validate, evaluate, TensorRT build."""
+def make_run(root: Path, small_run: RunDir) -> RunDir:
+    """A real run directory made by the real stages: export, INT8, validate, evaluate, TensorRT build.
+    The export is the session's small_run (the same settings, which the export stage proves by reusing it)."""
+    import shutil
+
+    from conftest import small_export_settings
     from rexport.pipeline.backends import BuildSettings
     from rexport.pipeline.build import build_engines
     from rexport.pipeline.evaluate import EvaluateSettings, run_evaluate
-    from rexport.pipeline.export import ExportSettings, run_export
+    from rexport.pipeline.export import run_export
     from rexport.pipeline.quantize import QuantizeSettings, run_quantize
     from rexport.pipeline.validate import ValidateSettings, run_validate
 
+    settings = small_export_settings()
+    assert (settings.num_classes, settings.seed, settings.preprocess.input_size, settings.preprocess.resize) == (
+        NUM_CLASSES, SEED, SIZE, RESIZE)
+    shutil.copytree(small_run.path, root)
     run = RunDir(root)
     with run.locked():
-        run_export(run, ExportSettings(model="resnet18", num_classes=NUM_CLASSES, seed=SEED,
-                                       preprocess=PreprocessSpec(input_size=SIZE, resize=RESIZE)))
+        assert run_export(run, settings)["reused"]
         run_quantize(run, QuantizeSettings(precision="int8", calib_data="synthetic", calib_samples=16,
                                            calib_method="minmax"), progress=False)
         run_validate(run, ValidateSettings(samples=9, batch_sizes=(1, 8)))
@@ -75,10 +82,10 @@ def tensorrt_skip_reason() -> str:
 _RUNS: dict[str, RunDir] = {}
 
 
-def shared_run(tmp_path_factory) -> RunDir:
+def shared_run(tmp_path_factory, small_run: RunDir) -> RunDir:
     """One run directory per test session (building it takes seconds): bench and report tests share it."""
     if "run" not in _RUNS:
-        _RUNS["run"] = make_run(tmp_path_factory.mktemp("run") / "resnet18")
+        _RUNS["run"] = make_run(tmp_path_factory.mktemp("run") / "resnet18", small_run)
     return _RUNS["run"]
 
 
@@ -88,8 +95,8 @@ FAST = BenchSettings(batch_sizes=(1, 2), warmup=2, min_time=0.2, max_time=1.0, m
 # --- tests ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> RunDir:
-    return shared_run(tmp_path_factory)
+def run(tmp_path_factory, small_run) -> RunDir:
+    return shared_run(tmp_path_factory, small_run)
 
 
 @pytest.fixture(scope="module")

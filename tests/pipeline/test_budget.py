@@ -42,11 +42,9 @@ def digits16(tmp_path_factory):
     finally:
         demo.DIGITS_SPEC = saved
         torch.set_num_threads(threads)
-    sd = torch.load(ckpt)
-    sd["layer2.0.bn1.weight"][CHANNEL] *= FACTOR  # relu(k x) = k relu(x) for k > 0 ...
-    sd["layer2.0.bn1.bias"][CHANNEL] *= FACTOR
-    sd[f"{SENSITIVE_LAYER}.weight"][:, CHANNEL] /= FACTOR  # ... and the next conv undoes it
-    torch.save(sd, root / "sensitive.pth")
+    # FP32-equivalent: relu(k x) = k relu(x) for k > 0, and the next conv undoes it
+    assert demo.outlier_twin(ckpt, root / "sensitive.pth", block="layer2.0", channel=CHANNEL,
+                             factor=FACTOR) == SENSITIVE_LAYER
     runs = {}
     for name in ("plain", "sensitive"):
         run = RunDir(root / f"run-{name}")

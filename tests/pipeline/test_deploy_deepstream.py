@@ -171,19 +171,18 @@ def test_infer_on_a_folder_bundle(run, images, tmp_path):
     assert res["served"].startswith("run_engine.py layout")
 
 
-def test_folded_preprocessing_layouts(images, tmp_path):
+def test_folded_preprocessing_layouts(images, tmp_path, folded_export):
     """An export with --fold-preprocessing takes raw uint8 NHWC pixels: Triton declares exactly that (read
     from the file), nvinfer gets scale 1 / offsets 0 / NHWC, and the served model classifies as the ONNX does."""
     pytest.importorskip("tritonclient")
     from deploy_run import triton_schema
     from google.protobuf import text_format
 
-    from rexport.pipeline.export import ExportSettings, run_export
+    import shutil
+
     from rexport.pipeline.manifest import RunDir
 
-    run = RunDir(tmp_path / "fold")
-    spec = PreprocessSpec(input_size=32, resize=36, labels=LABELS)
-    run_export(run, ExportSettings(model="resnet18", num_classes=3, preprocess=spec, fold_preprocessing=True))
+    run = RunDir(shutil.copytree(folded_export[0].path, tmp_path / "fold"))  # the session's real folded export
     triton = make_bundle(run, variants=["fp32"], dest=tmp_path / "t", format="triton")
     cfg = text_format.Parse((triton / "model_repository/resnet18_fp32/config.pbtxt").read_text(),
                             triton_schema().ModelConfig())

@@ -10,11 +10,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from conftest import small_export_settings  # tests/ is on sys.path (pytest's prepend mode)
 from rexport.core.errors import InputError
 from rexport.core.preprocess import METADATA_KEY, PreprocessSpec
 from rexport.models.resnet import MODELS
-from rexport.pipeline.export import ExportSettings, export_onnx, run_export
-from rexport.pipeline.manifest import RunDir
+from rexport.pipeline.export import ExportSettings, export_onnx
 
 # (architecture, head size, checkpoint layout): every block type and every layout in the CPU suite; the
 # deeper and wider ones (same blocks, minutes of export) in `make test-slow`.
@@ -83,11 +83,9 @@ def test_every_architecture_matches_pytorch(tmp_path, name, num_classes, layout)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    path = tmp_path_factory.mktemp("exp") / "model.onnx"
-    spec = PreprocessSpec(input_size=64, resize=73, labels=("a", "b", "c"))
-    export_onnx(ExportSettings(model="resnet18", num_classes=3, preprocess=spec), path)
-    return path, spec
+def exported(small_run):
+    """The session's export (random-init resnet18, 10 labelled classes, 64 px) and the spec it was given."""
+    return small_run.file("onnx/model.fp32.onnx"), small_export_settings().preprocess
 
 
 def test_graph_is_portable_simplified_and_checked(exported):
@@ -110,7 +108,7 @@ def test_graph_is_portable_simplified_and_checked(exported):
 def test_preprocessing_is_in_the_metadata(exported):
     path, spec = exported
     props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    assert json.loads(props[METADATA_KEY])["labels"] == ["a", "b", "c"]
+    assert json.loads(props[METADATA_KEY])["labels"] == [f"class{i}" for i in range(10)]
     assert PreprocessSpec.from_onnx(path) == spec
     assert props["rexport.weights_sha256"].startswith("random-init-seed-0")
 
@@ -130,22 +128,7 @@ def test_bad_opsets_are_refused(opset):
         ExportSettings(opset=opset)
 
 
-def test_unchanged_export_is_reused_and_a_new_checkpoint_redoes_it(tmp_path):
-    run = RunDir(tmp_path / "run")
-    spec = PreprocessSpec(input_size=32, resize=32)
-    ckpt = tmp_path / "w.pth"
-    torch.manual_seed(0)
-    torch.save(MODELS["resnet18"](num_classes=2).state_dict(), ckpt)
-    s = ExportSettings(model="resnet18", weights=str(ckpt), preprocess=spec)
-    first = run_export(run, s)
-    assert not first["reused"]
-    assert run_export(run, s)["reused"]
-    torch.save(MODELS["resnet18"](num_classes=2).state_dict(), ckpt)  # new random weights
-    again = run_export(run, s)
-    assert not again["reused"]
-    assert again["inputs"]["weights"]["sha256"] != first["inputs"]["weights"]["sha256"]
-    stage = json.loads((run.path / "manifest.json").read_text())["stages"]["export"]
-    assert stage["outputs"]["onnx/model.fp32.onnx"] and stage["versions"]["torch"]
+# export reuse (unchanged -> reused, new checkpoint -> redone) is tested in test_freshness.py
 
 
 @pytest.mark.slow

@@ -11,15 +11,15 @@ import pytest
 from PIL import Image
 
 from rexport.core.preprocess import PreprocessSpec
-from rexport.pipeline.export import ExportSettings, run_export
 from rexport.pipeline.manifest import RunDir
-
-SPEC = PreprocessSpec(input_size=32, resize=36, mean=(0.45, 0.5, 0.55), std=(0.2, 0.25, 0.3), channel_order="BGR",
-                      labels=tuple(f"c{i}" for i in range(10)))
 
 
 @pytest.fixture(scope="module")
-def folded(tmp_path_factory):
+def folded(tmp_path_factory, folded_export):
+    """A copy of the session's folded export (made by the export stage from folded_export_settings()),
+    its export record, and real images."""
+    import shutil
+
     root = tmp_path_factory.mktemp("fold")
     rng = np.random.default_rng(3)
     for split in ("calib", "images"):
@@ -31,9 +31,8 @@ def folded(tmp_path_factory):
                 img = Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC)
                 img.save(root / split / f"c{c}" / f"{i}.png")
     images = root / "images"
-    run = RunDir(root / "run")
-    with run.locked():
-        rec = run_export(run, ExportSettings(model="resnet18", num_classes=10, fold_preprocessing=True, preprocess=SPEC))
+    exported, rec = folded_export
+    run = RunDir(shutil.copytree(exported.path, root / "run"))
     return run, rec, images
 
 

@@ -1,7 +1,9 @@
-"""Stage reuse is decided by content: a moved run directory is still fresh, a new checkpoint
-makes everything downstream of the export go away, and the reference refuses a changed checkpoint."""
+"""Stage reuse is decided by content: an unchanged export is reused, a moved run directory is still
+fresh, a new checkpoint redoes the export and makes everything downstream of it go away, and the
+reference refuses a changed checkpoint. (The one test of export reuse: each export costs seconds.)"""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -29,7 +31,11 @@ def test_moved_run_is_fresh_and_new_weights_drop_everything_downstream(tmp_path)
     save_weights(ckpt, 0)
     settings = ExportSettings(model="resnet18", weights=str(ckpt), preprocess=SPEC)
     run = RunDir(tmp_path / "a" / "run")
-    run_export(run, settings)
+    first = run_export(run, settings)
+    assert not first["reused"]
+    assert run_export(run, settings)["reused"]  # unchanged, in place
+    stage = json.loads((run.path / "manifest.json").read_text())["stages"]["export"]
+    assert stage["outputs"]["onnx/model.fp32.onnx"] and stage["versions"]["torch"]
     run_quantize(run, QuantizeSettings(precision="fp16"), progress=False)
     build_engines(run, backend="openvino", precisions=["fp32"], progress=False)
 
@@ -44,6 +50,7 @@ def test_moved_run_is_fresh_and_new_weights_drop_everything_downstream(tmp_path)
         load_reference(moved)
     rec = run_export(moved, settings)
     assert not rec["reused"]
+    assert rec["inputs"]["weights"]["sha256"] != first["inputs"]["weights"]["sha256"]
     assert not moved.file("onnx/model.fp16.onnx").exists() and not moved.file("engines").exists()
     assert list(moved.manifest["stages"]) == ["export"]
     assert load_reference(moved).weights_sha256 == rec["inputs"]["weights"]["sha256"]

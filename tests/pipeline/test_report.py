@@ -36,8 +36,8 @@ def _helpers():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> RunDir:
-    run = _helpers().shared_run(tmp_path_factory)
+def run(tmp_path_factory, small_run) -> RunDir:
+    run = _helpers().shared_run(tmp_path_factory, small_run)
     settings = BenchSettings(batch_sizes=(1, 2), warmup=1, min_time=0.1, max_time=0.5, min_iters=3)
     run.run_stage("bench", inputs={}, settings=settings.to_dict(),
                   action=lambda: bench_outcome(run_bench(run, settings, progress=False)), force=True)

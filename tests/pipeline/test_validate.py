@@ -1,6 +1,7 @@
 """Validate stage: per-precision gates, .npz inputs, held-out images, unreadable files said aloud.
 
-Every run here is made by the real export/quantize stages on a small resnet18 (32x32), run in ONNX Runtime.
+Every run here is made by the real export/quantize stages on a small resnet18 (the session's small_run,
+64x64, copied), run in ONNX Runtime.
 """
 from __future__ import annotations
 
@@ -10,23 +11,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import small_export_settings  # tests/ is on sys.path (pytest's prepend mode)
 from rexport.core.errors import InputError
-from rexport.core.preprocess import PreprocessSpec
-from rexport.pipeline.export import ExportSettings, run_export
 from rexport.pipeline.manifest import RunDir
 from rexport.pipeline.quantize import QuantizeSettings, run_quantize
 from rexport.pipeline.validate import (REAL_DATA_TOLERANCES, TOLERANCES, ValidateSettings, gates_on_real_data,
                                        run_validate, tolerances_for)
 
-SPEC = PreprocessSpec(input_size=32, resize=36)
+SPEC = small_export_settings().preprocess
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    run = RunDir(tmp_path_factory.mktemp("validate") / "r18")
-    with run.locked():
-        run_export(run, ExportSettings(model="resnet18", num_classes=4, preprocess=SPEC))
-    return run
+def run(small_run, tmp_path_factory):
+    import shutil
+
+    return RunDir(shutil.copytree(small_run.path, tmp_path_factory.mktemp("validate") / "r18"))
 
 
 @pytest.fixture(scope="module")

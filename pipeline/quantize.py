@@ -63,7 +63,7 @@ class QuantizeSettings:
                                                                         "to FP32.")
     sensitivity_mode: str = setting("alone", choices=("alone", "leave-out"),
                                     help="Sensitivity of a layer quantized alone, or left alone in float.")
-    sensitivity_samples: int = setting(64, help="Selection-split images the sensitivity ranking uses.")
+    sensitivity_samples: int = setting(32, help="Selection-split images the sensitivity ranking uses.")
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -126,9 +126,7 @@ def _fold_with_kernels(kernels, flat: np.ndarray, lo: float, hi: float, hist: Ab
             relu_hist.zeros += flat.size
         return
     if relu_scale is None:  # no Relu, or max(x, 0) is all zeros
-        counts = np.zeros((tables, nb), np.int32)
-        zeros = int(kernels.abs_counts(flat, scale, counts, False))
-        hist.add_counts(counts.sum(axis=0), zeros)
+        _abs_into(kernels, flat, scale, hist)
         if relu_hist is not None:
             relu_hist.zeros += flat.size
         return
@@ -141,14 +139,19 @@ def _fold_with_kernels(kernels, flat: np.ndarray, lo: float, hi: float, hist: Ab
         relu_hist.zeros += flat.size - int(positive.sum())
         hist.add_counts(split[:nb] + positive, zeros)
         return
-    counts = np.zeros((tables, nb), np.int32)
-    zeros = int(kernels.abs_counts(flat, scale, counts, False))
-    hist.add_counts(counts.sum(axis=0), zeros)
+    _abs_into(kernels, flat, scale, hist)
     relu_counts = np.zeros((tables, relu_hist.num_bins + 1), np.int32)  # + the column of the x <= 0
     kernels.positive_counts(flat, relu_scale, relu_counts)
     positive = relu_counts[:, :-1].sum(axis=0)
     relu_hist.add_counts(positive, 0)
     relu_hist.zeros += flat.size - int(positive.sum())
+
+
+def _abs_into(kernels, flat: np.ndarray, scale, hist: AbsHistogram) -> None:
+    """|x| at ``scale`` into ``hist``, exact zeros counted apart."""
+    counts = np.zeros((kernels.TABLES, hist.num_bins), np.int32)
+    zeros = int(kernels.abs_counts(flat, scale, counts, False))
+    hist.add_counts(counts.sum(axis=0), zeros)
 
 
 @functools.lru_cache(maxsize=1)

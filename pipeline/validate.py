@@ -33,8 +33,8 @@ from rexport.core.preprocess import PreprocessSpec
 from rexport.pipeline.manifest import VARIANT_FILES, RunDir, StageOutcome
 from rexport.pipeline.per_layer import per_layer_errors
 from rexport.pipeline.runners import OnnxRuntimeRunner, Runner
-from rexport.pipeline.summaries import ExportSummary, ValidateSummary
-from rexport.pipeline.validation_inputs import calibration_samples, make_inputs
+from rexport.pipeline.summaries import ExportSummary, QuantizeSummary, ValidateSummary
+from rexport.pipeline.validation_inputs import make_inputs
 from rexport.pipeline.variants import (engine_dirs, list_variants, open_variant, reference_runner,
                                        reference_variant, source_variant, variant_precision)
 
@@ -240,7 +240,8 @@ def validate_onnx_file(path: str | os.PathLike, run: RunDir, settings: ValidateS
         raise InputError(f"{p} not found", "pass an existing .onnx file")
     PreprocessSpec.from_onnx(p)  # a one-line error for a file that is not ONNX at all
     spec = PreprocessSpec.from_onnx(run.require(VARIANT_FILES["fp32"], "rexport export"))
-    x, inputs = make_inputs(spec, settings, calibration_samples(run) if settings.exclude_calibration else frozenset())
+    exclude = QuantizeSummary.calibration_samples(run) if settings.exclude_calibration else frozenset()
+    x, inputs = make_inputs(spec, settings, exclude)
     ref = _reference_logits(run, x)
     precision = onnx_precision(p)
     try:
@@ -277,7 +278,7 @@ def run_validate(run: RunDir, settings: ValidateSettings, variants: list[str] | 
     spec = PreprocessSpec.from_onnx(run.file(VARIANT_FILES["fp32"]))
     cache: dict = {}
 
-    exclude = calibration_samples(run) if settings.exclude_calibration else frozenset()
+    exclude = QuantizeSummary.calibration_samples(run) if settings.exclude_calibration else frozenset()
 
     def prepared():
         if not cache:

@@ -11,8 +11,6 @@ import numpy as np
 from rexport.core.errors import InputError
 from rexport.core.fsio import sha256_file
 from rexport.core.preprocess import PreprocessSpec, list_images
-from rexport.pipeline.manifest import RunDir
-from rexport.pipeline.summaries import QuantizeSummary
 
 
 def make_inputs(spec: PreprocessSpec, settings,
@@ -96,8 +94,3 @@ def _array_inputs(path: Path, spec: PreprocessSpec, settings, rng,
         rows = np.sort(rng.choice(rows, settings.samples, replace=False))
     return x[rows], {"kind": "arrays", "source": str(path), "samples": int(len(rows)),
                      "calibration_samples_left_out": held_out}
-
-
-def calibration_samples(run: RunDir) -> frozenset[str]:
-    """Content hashes of the samples the run's INT8 calibration used (empty before calibration)."""
-    return QuantizeSummary.calibration_samples(run)

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from rexport.core.fsio import atomic_dir, atomic_path, atomic_write_json
+from rexport.core.fsio import atomic_dir, atomic_path, atomic_write_json, current_umask
 
 
 @pytest.fixture
@@ -36,13 +36,13 @@ def test_atomic_files_and_folders_get_the_umask_modes(tmp_path, umask_022):
 
 
 def test_a_real_export_is_readable_by_others(small_run):
-    expected = 0o666 & ~_current_umask()
+    expected = 0o666 & ~current_umask()
     onnx_file = small_run.file("onnx/model.fp32.onnx")
     assert mode(onnx_file) == expected
     assert mode(small_run.path / "manifest.json") == expected
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def test_the_umask_is_read_as_set(umask_022):
+    assert current_umask() == 0o022
+    os.umask(0o027)
+    assert current_umask() == 0o027

@@ -49,9 +49,19 @@ def ensure_dir(path: str | os.PathLike) -> Path:
 def _umask_mode(directory: bool) -> int:
     """The mode a plain open()/mkdir() would give under the process umask (mkstemp/mkdtemp give 0600/0700,
     which would keep a served model from a server running as another user, e.g. OVMS's)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (setting and restoring it would
+    briefly give files made by other threads mode 0666)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
 
 
 @contextlib.contextmanager

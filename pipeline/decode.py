@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
-import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -17,11 +16,15 @@ DECODE_HOOKS: list[Callable[[Path], None]] = []
 
 
 def default_decode_workers() -> int:
-    """Worker processes for decoding: one per core. benchmarks/bench_evaluate.py measured 0, 1 and 2
-    workers on 2 cores (7 variants, ResNet-18 at 224): 2 won both runs (0.88x/0.62x of pure inference,
-    1 worker 1.05x/0.64x, none 1.25x/0.92x), on a machine at load 10-15, which favours more processes;
-    rerun it on a quiet machine before trusting the rule beyond that."""
-    return max(1, os.cpu_count() or 1)
+    """Worker processes for decoding: one per usable core (the affinity mask, not the machine's count),
+    none on a single core. benchmarks/bench_evaluate.py measured 0, 1 and 2 workers on 2 cores (7 variants,
+    ResNet-18 at 224): 2 won every run (load 5.4 -> 2.1: 0.84x of pure inference, none 0.94x; load 10-15:
+    0.88x/0.62x, 1 worker 1.05x/0.64x, none 1.25x/0.92x). On one core a decode process can only take turns with
+    inference, and starting it costs an interpreter and its imports."""
+    from rexport.core.machine import usable_cores
+
+    cores = usable_cores()
+    return cores if cores > 1 else 0
 
 
 def load_or_none(spec: PreprocessSpec, path: Path) -> np.ndarray | None:

@@ -39,8 +39,8 @@ class EvaluateSettings:
                                   help="Evaluate a seeded random subset of this size (default: every sample).")
     batch_size: int = 16
     seed: int = 0
-    decode_workers: int | None = setting(None, help="Image decoding processes (default: one per core; "
-                                                    "0: decode in this process).")
+    decode_workers: int | None = setting(None, help="Image decoding processes (default: one per usable "
+                                                    "core, none on one core; 0: decode in this process).")
     # --ray [ADDRESS] takes an optional value, which the generated options cannot say: the evaluate
     # command declares it by hand, and matrix passes it on.
     ray: str | None = setting(None, cli=False, run=False,

@@ -68,15 +68,30 @@ def load_folder(root: Path, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarra
     return np.stack(xs), np.asarray(ys)
 
 
-def train_digits(data: DigitsData, checkpoint: str | os.PathLike, *, epochs: int = 8, seed: int = 0) -> dict:
-    """Train resnet18 (10 classes) on the training split, preprocessed exactly as the export will
-    record it, and save a plain state dict. Returns the training accuracy log."""
+def train_digits(data: DigitsData, checkpoint: str | os.PathLike, *, epochs: int = 8, seed: int = 0,
+                 spec: PreprocessSpec | None = None, threads: int | None = None) -> dict:
+    """Train resnet18 (10 classes) on the training split, preprocessed as ``spec`` (DIGITS_SPEC by
+    default) exactly as the export will record it, and save a plain state dict. Returns the training
+    accuracy log. ``threads`` fixes torch's thread count for the training: a CPU's float sums depend on
+    how the work is split, so the same seed gives the same weights only at the same thread count."""
+    import torch
+
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _train(data, checkpoint, epochs, seed, spec or DIGITS_SPEC)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _train(data: DigitsData, checkpoint: str | os.PathLike, epochs: int, seed: int, spec: PreprocessSpec) -> dict:
     import torch
 
     from rexport.models.resnet import resnet18
 
     torch.manual_seed(seed)
-    x, y = load_folder(data.train, DIGITS_SPEC)
+    x, y = load_folder(data.train, spec)
     model = resnet18(num_classes=10)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     steps = epochs * int(np.ceil(len(x) / 64))

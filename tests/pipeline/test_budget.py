@@ -27,21 +27,13 @@ SENSITIVE_LAYER = "layer2.0.conv2"
 @pytest.fixture(scope="session")
 def digits16(tmp_path_factory):
     """Digits at 16 px, a resnet18 trained on them (3 epochs), and its FP32-equivalent outlier twin."""
-    import torch
-
     import rexport.demo as demo
 
     root = tmp_path_factory.mktemp("budget")
     data = demo.write_digits(root / "digits", size=16)
     ckpt = root / "plain.pth"
-    saved, threads = demo.DIGITS_SPEC, torch.get_num_threads()
-    demo.DIGITS_SPEC = SPEC  # train at the size exported below
-    torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and steady on a loaded machine
-    try:
-        demo.train_digits(data, ckpt, epochs=3)
-    finally:
-        demo.DIGITS_SPEC = saved
-        torch.set_num_threads(threads)
+    # at the size exported below; tiny tensors: one thread is fastest, and the same weights everywhere
+    demo.train_digits(data, ckpt, epochs=3, spec=SPEC, threads=1)
     # FP32-equivalent: relu(k x) = k relu(x) for k > 0, and the next conv undoes it
     assert demo.outlier_twin(ckpt, root / "sensitive.pth", block="layer2.0", channel=CHANNEL,
                              factor=FACTOR) == SENSITIVE_LAYER

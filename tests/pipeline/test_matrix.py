@@ -1,4 +1,4 @@
-"""rexport matrix: two models (one from a run config file) x two precisions -> four run directories
+"""rexport matrix: two models (one from a run config file, with its own seed and opset) x two precisions -> four run directories
 made as 'run' makes them, one combined report, and every cell reused on a rerun."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from rexport.pipeline.matrix_report import pareto_front
 TINY = ["--num-classes", "10", "--input-size", "32", "--calib-samples", "8", "--calib-method", "minmax",
         "--validate-samples", "2", "--validate-batch-sizes", "1", "--bench-batch-sizes", "1",
         "--bench-min-time", "0.02", "--bench-max-time", "0.2", "--bench-warmup", "1", "--bench-min-iters", "3"]
-CELLS = ["resnet18/openvino-fp32", "resnet18/openvino-fp16", "r34/openvino-fp32", "r34/openvino-fp16"]
+CELLS = ["resnet18/openvino-fp32", "resnet18/openvino-fp16", "r18b/openvino-fp32", "r18b/openvino-fp16"]
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,9 @@ def matrix(tmp_path_factory):
     root = tmp_path_factory.mktemp("matrix")
     rng = np.random.default_rng(0)
     np.savez(root / "val.npz", x=rng.standard_normal((8, 3, 32, 32)).astype(np.float32), y=np.arange(8))
-    (root / "r34.toml").write_text('model = "resnet34"\nseed = 3\n')
-    args = ["matrix", "--models", f"resnet18,{root / 'r34.toml'}", "--precisions", "fp32,fp16",
+    # a second resnet18 (an export costs what the model's depth costs): its own seed and opset
+    (root / "r18b.toml").write_text('model = "resnet18"\nseed = 3\nopset = 18\n')
+    args = ["matrix", "--models", f"resnet18,{root / 'r18b.toml'}", "--precisions", "fp32,fp16",
             "--backends", "openvino", "--val-data", str(root / "val.npz"), *TINY, "--out", str(root / "m")]
     first = rexport_cli(*args, timeout=600)
     second = rexport_cli(*args, timeout=300)
@@ -39,9 +40,11 @@ def test_four_cells_are_run_directories_with_one_combined_report(matrix):
         run = json.loads((out / c["cell"] / "manifest.json").read_text())
         assert run["stages"]["export"]["status"] == "ok" and (out / c["cell"] / "report" / "report.json").is_file()
         assert c["status"] == "ok" and c["accuracy_top1"] is not None and c["images_per_s"] > 0 and c["size_mib"] > 0
-    # the config file's row is its model with its own seed, the matrix's flags on top
-    r34 = json.loads((out / "r34/openvino-fp32/manifest.json").read_text())["stages"]["export"]["settings"]
-    assert r34["model"] == "resnet34" and r34["seed"] == 3 and r34["num_classes"] == 10
+    # the config file's row is its model with its own seed and opset, the matrix's flags on top
+    own = json.loads((out / "r18b/openvino-fp32/manifest.json").read_text())["stages"]["export"]["settings"]
+    assert own["model"] == "resnet18" and own["seed"] == 3 and own["opset"] == 18 and own["num_classes"] == 10
+    plain = json.loads((out / "resnet18/openvino-fp32/manifest.json").read_text())["stages"]["export"]["settings"]
+    assert plain["seed"] == 0 and plain["opset"] == 17
     cells = {c["cell"]: c for c in report["cells"]}
     assert cells["resnet18/openvino-fp32"]["variant"] == "openvino-fp32"
     fp16 = cells["resnet18/openvino-fp16"]  # OpenVINO has no fp16 engine: the cell says so and shows the ONNX file

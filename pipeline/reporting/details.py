@@ -69,10 +69,11 @@ def machine_text(machine: dict | None) -> str:
     probe = []
     for key, unit, name in (("fp32_gflops", "GFLOP/s", "FP32"), ("int8_gops", "GOP/s", "INT8")):
         value = peaks.get(key)
-        probe.append(f"{name} {value} {unit}" if value is not None else
+        kernel = peaks.get(f"{key}_kernel")
+        probe.append(f"{name} {value} {unit}" + (f" ({kernel})" if kernel else "") if value is not None else
                      f"{name} not measured ({peaks.get(key + '_error') or 'no probe recorded'})")
     load = peaks.get("loadavg_1m")
-    parts.append("probe (a measured yardstick, not the hardware's peak): " + ", ".join(probe)
+    parts.append("probe (the peak measured on ResNet-shaped convolutions, not a datasheet figure): " + ", ".join(probe)
                  + (f", measured {peaks['measured_at']}" if peaks.get("measured_at") else "")
                  + (f" at load average {load:.2f}" if load is not None else "")
                  + (" (machine busy)" if peaks.get("busy") else "") + (" (cached)" if peaks.get("cached") else ""))

@@ -41,11 +41,12 @@ demo: install
 	$(BIN)/python -m rexport.demo --out artifacts/demo
 
 # one pytest-xdist worker per usable core, each pinned to its own core (tests/conftest.py), each test file
-# on one worker (its fixtures are made once: a costly session fixture is used by one file only);
+# on one worker (its fixtures are made once: a costly session fixture is used by one file only), the
+# longest files first (conftest's order: xdist would otherwise order files by their number of tests);
 # TEST_WORKERS=1 runs the suite in this process
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 test: install
-	$(BIN)/python -m pytest -q $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+	$(BIN)/python -m pytest -q $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # timm needs torchvision, which imports only beside PyPI's torch build (5.5 GB, CUDA): its own venv, so
 # `make install` stays light for users and the main suite stays on the CPU wheel (it skips timm cleanly).

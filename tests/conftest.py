@@ -142,12 +142,12 @@ def rexport_cli_many(*argvs: list, results: os.PathLike, timeout: float = 300) -
 
 
 
-#: the test files that take longest (idle, Dec 2026, one core each: digits ~150 s, budget and run ~70 s, matrix,
-#: export, int8 forms, ray ~45-60 s): run first, so that under xdist no worker is left with one of them
-#: while the other has finished (longest first balances the workers; the order of tests within a file is
-#: kept)
-_LONGEST_FIRST = ("test_digits_accuracy.py", "test_budget.py", "test_run.py", "test_matrix.py", "test_export.py",
-                  "test_int8_forms.py", "test_ray.py", "test_cli.py")
+#: the test files that take longest (seconds on one pinned core, Dec 2026: digits 100, budget 64, run 53, int8
+#: forms 49, export 46, matrix 42, cli 37, ray 34; the rest under 20): run first (the Makefile passes
+#: --no-loadscope-reorder), so that no worker is left with one of them while the other has finished.
+#: The order of tests within a file is kept.
+_LONGEST_FIRST = ("test_digits_accuracy.py", "test_budget.py", "test_run.py", "test_int8_forms.py", "test_export.py",
+                  "test_matrix.py", "test_cli.py", "test_ray.py")
 
 
 def pytest_collection_modifyitems(config, items):

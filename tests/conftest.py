@@ -141,7 +141,6 @@ def rexport_cli_many(*argvs: list, results: os.PathLike, timeout: float = 300) -
             for r in json.loads(Path(results).read_text())]
 
 
-
 #: the test files that take longest (seconds on one pinned core, Dec 2026: digits 100, budget 64, run 53, int8
 #: forms 49, export 46, matrix 42, cli 37, ray 34; the rest under 20): run first (the Makefile passes
 #: --no-loadscope-reorder), so that no worker is left with one of them while the other has finished.

@@ -121,15 +121,21 @@ def test_an_ok_stage_without_a_summary_is_incompatible():
         QuantizeSummary.from_stage({"status": "ok", "summary": {}})
 
 
+def _copy_without(run: RunDir, dest, stage: str, key: str) -> RunDir:
+    """A copy of the run whose manifest's ``stage`` summary lacks ``key`` (a record from an older version)."""
+    old = RunDir(dest)
+    shutil.copytree(run.path, old.path)
+    manifest = json.loads(old.manifest_path.read_text())
+    del manifest["stages"][stage]["summary"][key]
+    old.manifest_path.write_text(json.dumps(manifest))
+    return old
+
+
 def test_incompatible_run_dir_stops_the_cli_with_exit_2(run, tmp_path):
     """A run whose export summary lacks num_classes: evaluate says so in one line, writes nothing."""
     from conftest import rexport_cli
 
-    old = RunDir(tmp_path / "old")
-    shutil.copytree(run.path, old.path)
-    manifest = json.loads(old.manifest_path.read_text())
-    del manifest["stages"]["export"]["summary"]["num_classes"]
-    old.manifest_path.write_text(json.dumps(manifest))
+    old = _copy_without(run, tmp_path / "old", "export", "num_classes")
     npz = tmp_path / "val.npz"
     np.savez(npz, x=np.zeros((2, 3, SIZE, SIZE), np.float32), y=np.zeros(2, np.int64))
     proc = rexport_cli("evaluate", "--val-data", npz, "--out", old.path)
@@ -142,11 +148,7 @@ def test_incompatible_run_dir_stops_the_cli_with_exit_2(run, tmp_path):
 def test_the_report_of_an_incompatible_run_says_so_and_still_builds(run, tmp_path):
     from rexport.pipeline.report import write_report
 
-    old = RunDir(tmp_path / "old")
-    shutil.copytree(run.path, old.path)
-    manifest = json.loads(old.manifest_path.read_text())
-    del manifest["stages"]["quantize:int8"]["summary"]["calibration"]
-    old.manifest_path.write_text(json.dumps(manifest))
+    old = _copy_without(run, tmp_path / "old", "quantize:int8", "calibration")
     report = write_report(old)
     problem = [w for w in report["warnings"] if "quantize:int8 record in manifest.json has no 'calibration'" in w]
     assert len(problem) == 1 and problem[0].endswith("its figures are left out")
